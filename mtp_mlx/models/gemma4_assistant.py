@@ -1,0 +1,177 @@
+"""Gemma 4 MTP drafter: ``gemma4_assistant`` and ``gemma4_unified_assistant`` (spec §5).
+
+One draft step maps (scaled target embedding of the last token, target hidden) to a token
+distribution and the next hidden to feed back. The drafter owns no K/V: its four layers
+attend to the target's producer layers' K/V (passed in as ``KVView``s of the target cache).
+
+Heads: the tied dense head (26B/31B/12B) and the centroid "ordered embedding" head
+(E2B/E4B), whose greedy path never materialises the full-vocabulary logits.
+
+Not here: the round itself (``mtp_mlx.spec.draft``), which picks query positions and masks.
+"""
+
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..cache import KVView
+from ..ops import verify_attention
+from .config import DrafterConfig
+from .layers import MLP, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+
+
+@dataclass
+class DraftMask:
+    """How one layer type's query sees the shared K/V: key visible iff
+    ``0 <= pos <= q`` and ``q - pos < window`` (window 0 = unlimited). q: [B, 1] int32."""
+
+    q: mx.array
+    window: int
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, i: int):
+        super().__init__()
+        self.head_dim = hd = cfg.layer_head_dim(i)
+        self.n_heads = cfg.num_attention_heads
+        H = cfg.hidden_size
+        self.q_proj = nn.Linear(H, self.n_heads * hd, bias=False)
+        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        self.o_proj = nn.Linear(self.n_heads * hd, H, bias=False)
+
+    def __call__(self, x, cos, sin, kv: KVView, mask: DraftMask, use_kernel=True):
+        B, L, _ = x.shape
+        q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim))
+        q = apply_rope(q, cos, sin).transpose(0, 2, 1, 3)
+        o = verify_attention(
+            q, kv.keys, kv.values, q_pos=mask.q, k_pos=kv.pos, window=mask.window,
+            scale=1.0, use_kernel=use_kernel,
+        )
+        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg, i: int):
+        super().__init__()
+        H = cfg.hidden_size
+        self.layer_type = cfg.layer_types[i]
+        self.self_attn = Attention(cfg, i)
+        self.mlp = MLP(H, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(H, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(H, cfg.rms_norm_eps)
+        self.pre_feedforward_layernorm = RMSNorm(H, cfg.rms_norm_eps)
+        self.post_feedforward_layernorm = RMSNorm(H, cfg.rms_norm_eps)
+        self.layer_scalar = mx.ones((1,))
+
+    def __call__(self, x, cos, sin, kv, mask, use_kernel=True):
+        x = x + self.post_attention_layernorm(
+            self.self_attn(self.input_layernorm(x), cos, sin, kv, mask, use_kernel)
+        )
+        x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        return x * self.layer_scalar.astype(x.dtype)
+
+
+class TextModel(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)  # the tied head only
+        self.layers = [DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)]
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class MaskedEmbedder(nn.Module):
+    """Centroid head: score 2048 clusters, keep the top k, score only their tokens."""
+
+    def __init__(self, cfg: DrafterConfig):
+        super().__init__()
+        self.num_centroids = cfg.num_centroids
+        self.top_k = cfg.centroid_intermediate_top_k
+        self.per_centroid = cfg.text.vocab_size // cfg.num_centroids
+        self.centroids = nn.Linear(cfg.text.hidden_size, cfg.num_centroids, bias=False)
+        self.token_ordering = mx.zeros((cfg.text.vocab_size,), dtype=mx.int32)
+
+    def select(self, hd: mx.array, table: nn.Module) -> Tuple[mx.array, mx.array]:
+        """(candidate ids [B, L, k*m], their logits [B, L, k*m]) for hidden hd [B, L, Hd]."""
+        B, L, _ = hd.shape
+        cl = self.centroids(hd)
+        top = mx.argpartition(-cl, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
+        ids = self.token_ordering.reshape(self.num_centroids, self.per_centroid)[top]
+        ids = ids.reshape(B, L, -1)
+        rows = table(ids)  # [B, L, k*m, Hd]; dequantizing gather if quantized (pitfall 7)
+        logits = (rows @ hd[..., None]).squeeze(-1)
+        return ids, logits
+
+
+class Model(nn.Module):
+    """The MTP assistant. Parameter names follow the HF checkpoint."""
+
+    def __init__(self, cfg: DrafterConfig):
+        super().__init__()
+        self.cfg = cfg
+        t = cfg.text
+        self.model = TextModel(t)
+        self.pre_projection = nn.Linear(2 * cfg.backbone_hidden_size, t.hidden_size, bias=False)
+        self.post_projection = nn.Linear(t.hidden_size, cfg.backbone_hidden_size, bias=False)
+        if cfg.use_ordered_embeddings:
+            self.masked_embedding = MaskedEmbedder(cfg)
+        self._inv_freq = {
+            lt: rope_inv_freq(t.rope_parameters[lt], t.global_head_dim if lt == "full_attention" else t.head_dim)
+            for lt in set(t.layer_types)
+        }
+
+    def __call__(
+        self,
+        emb: mx.array,
+        hidden: mx.array,
+        kv: Dict[str, KVView],
+        q_pos: mx.array,
+        masks: Dict[str, DraftMask],
+        use_kernel: bool = True,
+    ) -> Tuple[mx.array, mx.array]:
+        """One draft step.
+
+        emb: scaled target embedding of the token to feed [B, 1, H_t]; hidden: target hidden
+        (or the fed-back projection) [B, 1, H_t]; q_pos: RoPE position [B, 1].
+        Returns (head hidden [B, 1, H_d] after the final norm, next hidden [B, 1, H_t]).
+        """
+        x = self.pre_projection(mx.concatenate([emb, hidden], axis=-1))
+        rope = {t: rope_cos_sin(q_pos, f, x.dtype) for t, f in self._inv_freq.items()}
+        for layer in self.model.layers:
+            cos, sin = rope[layer.layer_type]
+            x = layer(x, cos, sin, kv[layer.layer_type], masks[layer.layer_type], use_kernel)
+        hd = self.model.norm(x)
+        return hd, self.post_projection(hd)
+
+    # ---- heads -----------------------------------------------------------------------
+    def logits(self, hd: mx.array, fill: str = "-inf") -> mx.array:
+        """Full-vocabulary logits [B, L, V]. Centroid head: unselected tokens get -inf
+        (``fill="-inf"``, a true sparse distribution) or, for reference parity, HF's
+        ``min(selected) - 1`` over the whole batch (``fill="hf"``)."""
+        if not self.cfg.use_ordered_embeddings:
+            return self.model.embed_tokens.as_linear(hd)
+        ids, sel = self.masked_embedding.select(hd, self.model.embed_tokens)
+        B, L, _ = hd.shape
+        V = self.cfg.text.vocab_size
+        value = sel.min() - 1 if fill == "hf" else mx.array(-mx.inf, dtype=sel.dtype)
+        out = mx.full((B * L, V), value, dtype=sel.dtype)
+        out[mx.arange(B * L)[:, None], ids.reshape(B * L, -1)] = sel.reshape(B * L, -1)
+        return out.reshape(B, L, V)
+
+    def argmax(self, hd: mx.array) -> mx.array:
+        """Greedy token [B, L] without materialising the full vocabulary for the centroid head."""
+        if not self.cfg.use_ordered_embeddings:
+            return mx.argmax(self.model.embed_tokens.as_linear(hd), axis=-1)
+        ids, sel = self.masked_embedding.select(hd, self.model.embed_tokens)
+        return mx.take_along_axis(ids, mx.argmax(sel, axis=-1)[..., None], axis=-1)[..., 0]
+
+    def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
+        out = {}
+        for name, w in weights.items():
+            if name.startswith("lm_head"):
+                continue  # tied to model.embed_tokens (spec §3.4)
+            if name.endswith("token_ordering"):
+                w = w.astype(mx.int32)
+            out[name] = w
+        return out
