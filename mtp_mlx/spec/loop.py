@@ -29,6 +29,7 @@ class Step:
     from_draft: List[bool]
     drafted: int = 0
     accepted: int = 0
+    drafts: List[int] = field(default_factory=list)  # what the drafter proposed this round
     finish_reason: Optional[str] = None  # "stop" (EOS) or "length" on the last step
 
 
@@ -81,14 +82,17 @@ def generate_step(target, prompt: Sequence[int], *, max_tokens: int, eos_ids=())
     budget = _Budget(max_tokens, frozenset(eos_ids))
     cache = target.make_cache(max_draft=MAX_DRAFT)
     out = _prefill(target, cache, mx.array([list(prompt)], dtype=mx.int32))
+    tok = mx.argmax(out.logits[:, -1], axis=-1).astype(mx.int32)
+    mx.async_eval(tok)
     while True:
-        tok = mx.argmax(out.logits[:, -1], axis=-1)
-        t = tok.item()  # sync
-        toks, reason = budget.take([t])
+        # Queue the next forward before waiting on this token, so the device never idles.
+        nxt = mx.argmax(target(tok[:, None], cache).logits[:, -1], axis=-1).astype(mx.int32)
+        mx.async_eval(nxt)
+        toks, reason = budget.take([tok.item()])  # sync
         yield Step(toks, [False] * len(toks), finish_reason=reason)
         if reason:
             return
-        out = target(tok[:, None].astype(mx.int32), cache)
+        tok = nxt
 
 
 def speculative_generate_step(
@@ -139,7 +143,8 @@ def speculative_generate_step(
         n, nxt, _ = accept_greedy(drafts, out.logits)
         mx.eval(n, nxt, drafts)  # sync: the one per round
         n_acc = n.item()
-        emitted = drafts[0, :n_acc].tolist() + [nxt.item()]
+        proposed = drafts[0].tolist()
+        emitted = proposed[:n_acc] + [nxt.item()]
         # 4. Roll back the K - n rejected entries; the next round starts from position n.
         if position == "hf":
             hf = (_snapshot(cache), P_b + k, k + 1)
@@ -148,7 +153,7 @@ def speculative_generate_step(
         hidden = out.hidden[:, n_acc : n_acc + 1]
         toks, reason = budget.take(emitted)
         yield Step(toks, [True] * min(len(toks), n_acc) + [False] * max(0, len(toks) - n_acc),
-                   drafted=k, accepted=n_acc, finish_reason=reason)
+                   drafted=k, accepted=n_acc, drafts=proposed, finish_reason=reason)
         if reason:
             return
 
