@@ -7,8 +7,8 @@ import pytest
 from typer.testing import CliRunner
 
 from mtp_mlx import cli
-from mtp_mlx.loading import load
 from mtp_mlx.loading import convert as convert_mod
+from mtp_mlx.loading import load
 
 from .loading_helpers import ROOT, fixture_root
 

@@ -206,3 +206,22 @@ def test_failed_commit_puts_everything_back(tmp_path, monkeypatch):
     staging.abort()
     assert not a.exists() and [p.name for p in b.iterdir()] == ["old.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_sharded_output(fx, tmp_path, monkeypatch):
+    def two_shards(tensors):
+        keys = list(tensors)
+        half = len(keys) // 2
+        return [{k: tensors[k] for k in keys[:half]}, {k: tensors[k] for k in keys[half:]}]
+
+    monkeypatch.setattr(convert_mod, "make_shards", two_shards)
+    out = tmp_path / "out"
+    convert(str(fx / "moe" / "target"), str(out), dtype="float32", progress=False)
+    names = sorted(p.name for p in out.glob("*.safetensors"))
+    assert names == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert set(index.values()) == set(names)
+    ours = load(str(out))
+    assert mx.array_equal(_logits(ours), _logits(load(str(fx / "moe" / "target"), dtype="float32"))).item()
+    model, _ = mlx_lm.load(str(out))
+    assert mx.allclose(model(mx.array([ours.tokenizer.encode(PROMPT)])), _logits(ours), atol=1e-4).item()

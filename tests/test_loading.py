@@ -3,7 +3,6 @@
 import fnmatch
 import json
 import shutil
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -358,3 +357,15 @@ def test_missing_tokenizer(fx, tmp_path):
     with pytest.raises(MtpError) as err:
         load(str(folder))
     assert "has no tokenizer" in one_line(err)
+
+
+def test_load_by_repo_id(fx, monkeypatch):
+    """Repo ids go through snapshot_download (mocked to the fixtures); errors name the repo id."""
+    repos = {"google/tiny-e2b": fx / "e2b" / "target", "google/tiny-e2b-assistant": fx / "e2b" / "assistant",
+             "google/tiny-moe-assistant": fx / "moe" / "assistant"}
+    monkeypatch.setattr(hub, "snapshot_download", lambda repo_id, **kw: str(repos[repo_id]))
+    pair = load("google/tiny-e2b", "google/tiny-e2b-assistant")
+    assert pair.target_path == repos["google/tiny-e2b"] and pair.drafter is not None
+    with pytest.raises(MtpError) as err:
+        load("google/tiny-e2b", "google/tiny-moe-assistant")
+    assert one_line(err).startswith("drafter google/tiny-moe-assistant does not fit target google/tiny-e2b: ")
