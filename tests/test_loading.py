@@ -82,7 +82,7 @@ class _Gated(hf_errors.GatedRepoError):
 
 
 @pytest.mark.parametrize("exc,expect", [
-    (_NotFound, "was not found on the Hugging Face Hub"),
+    (_NotFound, "is neither a local folder nor a repo on the Hugging Face Hub"),
     (_Gated, "is gated"),
     (lambda: OSError("connection reset"), "could not download"),
 ])
@@ -369,3 +369,14 @@ def test_load_by_repo_id(fx, monkeypatch):
     with pytest.raises(MtpError) as err:
         load("google/tiny-e2b", "google/tiny-moe-assistant")
     assert one_line(err).startswith("drafter google/tiny-moe-assistant does not fit target google/tiny-e2b: ")
+
+
+def test_foreign_quantization_is_refused(fx, tmp_path):
+    folder = tmp_path / "t"
+    shutil.copytree(fx / "dense" / "target", folder)
+    raw = json.loads((folder / "config.json").read_text())
+    raw["quantization_config"] = {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized"}
+    (folder / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(MtpError) as err:
+        load(str(folder))
+    assert "'compressed-tensors', which mtp-mlx cannot read" in one_line(err)

@@ -81,8 +81,8 @@ def _download_error(repo_id: str, role: str, err: Exception) -> str:
         )
     if any(isinstance(e, hf_errors.RepositoryNotFoundError) for e in chain):
         return (
-            f"{role} repo {repo_id!r} was not found on the Hugging Face Hub (or it is "
-            "private): check the repo id, log in with `hf auth login`, or pass a local folder"
+            f"{role} {repo_id!r} is neither a local folder nor a repo on the Hugging Face Hub "
+            "(or the repo is private): check the path or repo id, or log in with `hf auth login`"
         )
     if any(isinstance(e, hf_errors.RevisionNotFoundError) for e in chain):
         return f"{role} repo {repo_id!r} has no such revision: check the repo id"
