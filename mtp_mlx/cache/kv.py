@@ -2,15 +2,16 @@
 
 Every slot carries the absolute position of the token it holds (``-1`` = empty), so one
 masking rule (``mtp_mlx.ops.verify_attention``) serves full layers, sliding rings that have
-wrapped, and rolled-back tails. Rollback is O(1): it moves the offset and marks the
-rejected slots empty; it raises rather than trim less than asked.
+wrapped, rolled-back tails and ragged batches (each row has its own length). Rollback is
+O(1) in host work: per-row offsets move back and the rejected slots are marked empty; it
+raises rather than trim less than asked.
 
 Not here: the drafter owns no cache; KV-shared target layers own none either (they read
 their producer's K/V inside the same forward).
 """
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Union
 
 import mlx.core as mx
 
@@ -26,13 +27,18 @@ class KVView:
     pos: mx.array
 
 
+def _per_row(n: Union[int, Sequence[int]], rows: int) -> List[int]:
+    return [n] * rows if isinstance(n, int) else list(n)
+
+
 class LayerCache:
-    """K/V of one KV-owning layer.
+    """K/V of one KV-owning layer, for B rows of possibly different lengths.
 
     Full layers (``window=0``) keep a linear buffer grown in ``step``-sized chunks; slot ``j``
-    holds position ``j``. Sliding layers keep a ring of ``window + max_draft`` slots, enough
-    that writing a verify chunk of ``max_draft + 1`` tokens never overwrites a key that a
-    query of that chunk (or a later one, after any rollback of up to ``max_draft``) needs.
+    holds position ``j``. Sliding layers keep a ring of ``window + max_draft`` slots (slot =
+    position mod size), enough that writing a verify chunk of ``max_draft + 1`` tokens never
+    overwrites a key that a query of that chunk, or a later one after any rollback of up to
+    ``max_draft`` entries, still needs.
     """
 
     def __init__(self, window: int = 0, max_draft: int = 8, step: int = 256):
@@ -42,107 +48,123 @@ class LayerCache:
         self.capacity = window + max_draft if window else 0
         self.keys: Optional[mx.array] = None
         self.values: Optional[mx.array] = None
-        self.pos: Optional[mx.array] = None  # [B, S] int32, sliding layers only
-        self.offset = 0  # tokens held (next position to write)
-        self._since_write = 0  # entries written by the latest update (the trimmable tail)
+        self.pos: Optional[mx.array] = None  # [B, S] int32
+        self.offsets: List[int] = []  # per row: tokens held (next position to write)
+        self._since_write: List[int] = []  # per row: entries the latest update wrote
+
+    @property
+    def size(self) -> int:
+        """Slots in use along the sequence axis (ring: all of them)."""
+        return self.capacity if self.window else max(self.offsets, default=0)
 
     # ---- writing -----------------------------------------------------------------------
     def update(self, k: mx.array, v: mx.array) -> KVView:
-        """Append L entries at positions offset..offset+L-1; return what queries attend to.
-
-        k, v: [B, nKV, L, D]. The returned view covers every key any of the L queries may
-        see (for a sliding layer receiving a long chunk, the old ring plus the chunk).
-        """
-        L = k.shape[2]
-        if self.window:
-            view = self._update_ring(k, v)
-        else:
-            view = self._update_linear(k, v)
-        self.offset += L
-        self._since_write = L
-        return view
-
-    def _update_linear(self, k: mx.array, v: mx.array) -> KVView:
+        """Append L entries per row at positions offsets[b] .. offsets[b]+L-1; return what
+        the L queries attend to. k, v: [B, nKV, L, D]."""
         B, H, L, D = k.shape
-        end = self.offset + L
-        if self.keys is None or end > self.keys.shape[2]:
-            extra = ((L + self.step - 1) // self.step) * self.step
-            new_k = mx.zeros((B, H, extra, D), dtype=k.dtype)
-            new_v = mx.zeros((B, H, extra, v.shape[3]), dtype=v.dtype)
-            if self.keys is None:
-                self.keys, self.values = new_k, new_v
-            else:
-                self.keys = mx.concatenate([self.keys[:, :, : self.offset], new_k], axis=2)
-                self.values = mx.concatenate([self.values[:, :, : self.offset], new_v], axis=2)
-        self.keys[:, :, self.offset : end] = k
-        self.values[:, :, self.offset : end] = v
-        return self.view(end)
-
-    def _update_ring(self, k: mx.array, v: mx.array) -> KVView:
-        B, H, L, D = k.shape
-        C = self.capacity
-        new_pos = mx.broadcast_to(mx.arange(self.offset, self.offset + L, dtype=mx.int32), (B, L))
         if self.keys is None:
-            self.keys = mx.zeros((B, H, C, D), dtype=k.dtype)
-            self.values = mx.zeros((B, H, C, v.shape[3]), dtype=v.dtype)
-            self.pos = mx.full((B, C), -1, dtype=mx.int32)
-        if L <= self.max_draft + 1:
-            # Short chunk: write first, then attend over the ring (no copy).
+            self.offsets, self._since_write = [0] * B, [0] * B
+            S = self.capacity or self.step * ((L + self.step - 1) // self.step)
+            self.keys = mx.zeros((B, H, S, D), dtype=k.dtype)
+            self.values = mx.zeros((B, H, S, v.shape[3]), dtype=v.dtype)
+            self.pos = mx.full((B, S), -1, dtype=mx.int32)
+        start = mx.array(self.offsets, dtype=mx.int32)[:, None]
+        new_pos = start + mx.arange(L, dtype=mx.int32)  # [B, L]
+        if self.window and L > self.max_draft + 1:
+            # Long chunk (prefill): attend over old ring + chunk, then keep the last entries.
+            view = KVView(
+                mx.concatenate([self.keys, k], axis=2),
+                mx.concatenate([self.values, v], axis=2),
+                mx.concatenate([self.pos, new_pos], axis=1),
+            )
+            keep = min(L, self.capacity)
+            self._scatter(k[:, :, L - keep :], v[:, :, L - keep :], new_pos[:, L - keep :])
+        else:
+            if not self.window:
+                self._grow(max(self.offsets) + L)
             self._scatter(k, v, new_pos)
-            return KVView(self.keys, self.values, self.pos)
-        # Long chunk (prefill): attend over old ring + chunk, then keep the last C entries.
-        view = KVView(
-            mx.concatenate([self.keys, k], axis=2),
-            mx.concatenate([self.values, v], axis=2),
-            mx.concatenate([self.pos, new_pos], axis=1),
+            view = None
+        self.offsets = [o + L for o in self.offsets]
+        self._since_write = [L] * B
+        return view if view is not None else self.view()
+
+    def _grow(self, needed: int) -> None:
+        S = self.keys.shape[2]
+        if needed <= S:
+            return
+        extra = self.step * ((needed - S + self.step - 1) // self.step)
+        B, H, _, D = self.keys.shape
+        self.keys = mx.concatenate([self.keys, mx.zeros((B, H, extra, D), self.keys.dtype)], axis=2)
+        self.values = mx.concatenate(
+            [self.values, mx.zeros((B, H, extra, self.values.shape[3]), self.values.dtype)], axis=2
         )
-        keep = min(L, C)
-        self._scatter(k[:, :, L - keep :], v[:, :, L - keep :], new_pos[:, L - keep :])
-        return view
+        self.pos = mx.concatenate([self.pos, mx.full((B, extra), -1, mx.int32)], axis=1)
 
     def _scatter(self, k: mx.array, v: mx.array, pos: mx.array) -> None:
-        slots = pos[0] % self.capacity
-        self.keys[:, :, slots] = k
-        self.values[:, :, slots] = v
-        self.pos[:, slots] = pos
+        slots = pos % self.capacity if self.window else pos  # [B, L]
+        B, H, L, D = k.shape
+        idx = mx.broadcast_to(slots[:, None, :, None], (B, H, L, D))
+        self.keys = mx.put_along_axis(self.keys, idx, k, axis=2)
+        idx_v = mx.broadcast_to(slots[:, None, :, None], (B, H, L, v.shape[3]))
+        self.values = mx.put_along_axis(self.values, idx_v, v, axis=2)
+        self.pos = mx.put_along_axis(self.pos, slots, pos, axis=1)
 
     # ---- reading -----------------------------------------------------------------------
-    def view(self, length: Optional[int] = None) -> KVView:
-        """The committed K/V (positions < ``length``, default all), without copying."""
-        length = self.offset if length is None else length
+    def view(self) -> KVView:
+        """The K/V held now, without copying (linear buffers: only the slots in use)."""
+        S = self.size
         if self.window:
             return KVView(self.keys, self.values, self.pos)
-        B = self.keys.shape[0]
-        pos = mx.broadcast_to(mx.arange(length, dtype=mx.int32), (B, length))
-        return KVView(self.keys[:, :, :length], self.values[:, :, :length], pos)
+        return KVView(self.keys[:, :, :S], self.values[:, :, :S], self.pos[:, :S])
 
-    # ---- rollback ----------------------------------------------------------------------
-    def trim(self, n: int) -> int:
-        """Drop the newest ``n`` entries. Raises if they cannot all be dropped."""
-        if n == 0:
-            return 0
-        if n < 0 or n > self._since_write:
-            raise MtpError(
-                f"[LayerCache] cannot trim {n} entries: only the {self._since_write} written by "
-                "the latest update can be rolled back"
-            )
-        if self.window:
-            if n > self.max_draft:
+    # ---- rollback and batch membership --------------------------------------------------
+    def trim(self, n: Union[int, Sequence[int]]) -> None:
+        """Drop the newest ``n[b]`` entries of each row. Raises if any cannot be dropped."""
+        ns = _per_row(n, len(self.offsets))
+        for b, nb in enumerate(ns):
+            if nb < 0 or nb > self._since_write[b]:
                 raise MtpError(
-                    f"[LayerCache] cannot trim {n} entries from a sliding ring sized for "
-                    f"{self.max_draft} drafts: build the cache with max_draft >= {n}"
+                    f"[LayerCache] cannot trim {nb} entries from row {b}: only the "
+                    f"{self._since_write[b]} written by the latest update can be rolled back"
                 )
-            slots = mx.arange(self.offset - n, self.offset, dtype=mx.int32) % self.capacity
-            self.pos[:, slots] = -1
-        self.offset -= n
-        self._since_write -= n
-        return n
+            if self.window and nb > self.max_draft:
+                raise MtpError(
+                    f"[LayerCache] cannot trim {nb} entries from a sliding ring sized for "
+                    f"{self.max_draft} drafts: build the cache with max_draft >= {nb}"
+                )
+        if not any(ns):
+            return
+        self.offsets = [o - nb for o, nb in zip(self.offsets, ns)]
+        self._since_write = [w - nb for w, nb in zip(self._since_write, ns)]
+        # Every slot at or past a row's new offset holds a rejected entry: mark it empty.
+        new_off = mx.array(self.offsets, dtype=mx.int32)[:, None]
+        self.pos = mx.where(self.pos >= new_off, -1, self.pos)
+
+    def select(self, rows: Sequence[int]) -> None:
+        """Keep only these rows (a finished row leaves the batch)."""
+        idx = mx.array(list(rows), dtype=mx.int32)
+        self.keys, self.values, self.pos = self.keys[idx], self.values[idx], self.pos[idx]
+        self.offsets = [self.offsets[r] for r in rows]
+        self._since_write = [self._since_write[r] for r in rows]
+
+    @classmethod
+    def stack(cls, parts: Sequence["LayerCache"]) -> "LayerCache":
+        """Join caches of separately prefilled row groups into one batch."""
+        first = parts[0]
+        out = cls(first.window, first.max_draft, first.step)
+        S = max(p.keys.shape[2] for p in parts)
+        for p in parts:
+            p._grow(S)
+        out.keys = mx.concatenate([p.keys for p in parts], axis=0)
+        out.values = mx.concatenate([p.values for p in parts], axis=0)
+        out.pos = mx.concatenate([p.pos for p in parts], axis=0)
+        out.offsets = [o for p in parts for o in p.offsets]
+        out._since_write = [0] * len(out.offsets)
+        return out
 
     @property
     def nbytes(self) -> int:
-        if self.keys is None:
-            return 0
-        return self.keys.nbytes + self.values.nbytes
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
 
 class TargetCache:
@@ -153,16 +175,31 @@ class TargetCache:
         self.producers = producers  # layer type -> producer layer index (spec §1.1)
 
     @property
-    def offset(self) -> int:
-        return next(iter(self.layers.values())).offset
+    def offsets(self) -> List[int]:
+        """Per-row committed length (all layers agree)."""
+        return next(iter(self.layers.values())).offsets
 
-    def trim(self, n: int) -> int:
+    @property
+    def offset(self) -> int:
+        """Length of a single-row cache."""
+        (o,) = self.offsets
+        return o
+
+    def trim(self, n: Union[int, Sequence[int]]) -> None:
         for c in self.layers.values():
             c.trim(n)
-        return n
+
+    def select(self, rows: Sequence[int]) -> None:
+        for c in self.layers.values():
+            c.select(rows)
+
+    @classmethod
+    def stack(cls, parts: Sequence["TargetCache"]) -> "TargetCache":
+        layers = {i: LayerCache.stack([p.layers[i] for p in parts]) for i in parts[0].layers}
+        return cls(layers, parts[0].producers)
 
     def drafter_view(self) -> Dict[str, KVView]:
-        """The producer layers' committed K/V, as views of this cache (no copies)."""
+        """The producer layers' K/V, as views of this cache (no copies)."""
         return {t: self.layers[i].view() for t, i in self.producers.items()}
 
     @property

@@ -217,15 +217,14 @@ class Model(nn.Module):
         logits_from: Optional[int] = None,
         use_kernel: bool = True,
     ) -> TargetOut:
-        """Run L tokens at positions cache.offset .. cache.offset+L-1, updating the cache.
+        """Run L tokens per row at positions offsets[b] .. offsets[b]+L-1, updating the cache.
 
         ``logits_from``: compute logits and hidden only from this index on (prefill needs only
         the last position); default all positions.
         """
         cfg = self.cfg
         B, L = ids.shape
-        start = cache.offset
-        q_pos = mx.broadcast_to(mx.arange(start, start + L, dtype=mx.int32), (B, L))
+        q_pos = mx.array(cache.offsets or [0] * B, dtype=mx.int32)[:, None] + mx.arange(L, dtype=mx.int32)
         h = self.embed(ids)
         ple = self._per_layer_inputs(ids, h) if cfg.hidden_size_per_layer_input else None
         rope = {t: rope_cos_sin(q_pos, f, h.dtype) for t, f in self._inv_freq.items()}

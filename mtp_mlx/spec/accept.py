@@ -19,3 +19,54 @@ def accept_greedy(drafts: mx.array, target_logits: mx.array) -> Tuple[mx.array, 
     n = mx.cumprod(match, axis=1).sum(axis=1) if K else mx.zeros((drafts.shape[0],), mx.int32)
     nxt = mx.take_along_axis(choice, n[:, None], axis=1)[:, 0]
     return n, nxt, choice
+
+
+def accept_sampled(
+    drafts: mx.array, q_logp: mx.array, p_logp: mx.array, key: mx.array
+) -> Tuple[mx.array, mx.array]:
+    """Speculative rejection sampling (Leviathan et al. 2023; Chen et al. 2023): lossless.
+
+    drafts [B, K] drawn from q; q_logp [B, K, V] the drafter's filtered log-probs at each
+    step; p_logp [B, K+1, V] the target's at each verify position. Draft i is accepted with
+    probability min(1, p_{i-1}(d_i) / q_i(d_i)); at the first rejection n the next token is
+    drawn from norm(max(p_n - q_{n+1}, 0)); after K acceptances from p_K.
+    Returns (n [B], next token [B]).
+    """
+    B, K = drafts.shape
+    k_accept, k_next = mx.random.split(key)
+    d = drafts[..., None].astype(mx.int32)
+    p_d = mx.exp(mx.take_along_axis(p_logp[:, :K], d, axis=-1))[..., 0]  # p_{i-1}(d_i)
+    q_d = mx.exp(mx.take_along_axis(q_logp, d, axis=-1))[..., 0]  # q_i(d_i)
+    u = mx.random.uniform(shape=(B, K), key=k_accept)
+    ok = (u * q_d < p_d).astype(mx.int32)  # u < p/q without dividing by q
+    n = mx.cumprod(ok, axis=1).sum(axis=1) if K else mx.zeros((B,), mx.int32)
+    return n, residual_draw(n, q_logp, p_logp, k_next)
+
+
+def residual_draw(n: mx.array, q_logp: mx.array, p_logp: mx.array, key: mx.array) -> mx.array:
+    """The token after n accepted drafts: from norm(max(p_n - q_{n+1}, 0)) if n < K, else p_K."""
+    B, K = q_logp.shape[0], q_logp.shape[1]
+    p_n = mx.exp(mx.take_along_axis(p_logp, n[:, None, None], axis=1)[:, 0])  # [B, V]
+    if K:
+        q_next = mx.exp(mx.take_along_axis(q_logp, mx.minimum(n, K - 1)[:, None, None], axis=1)[:, 0])
+        q_next = mx.where((n < K)[:, None], q_next, 0.0)
+        resid = mx.maximum(p_n - q_next, 0.0)
+        # p == q on the support leaves no residual mass; that happens only through rounding
+        # (such a draft is accepted with probability 1), so fall back to p_n.
+        resid = mx.where(resid.sum(axis=-1, keepdims=True) > 0, resid, p_n)
+    else:
+        resid = p_n
+    return mx.random.categorical(mx.log(resid), axis=-1, key=key).astype(mx.int32)
+
+
+def accept_exact_match(
+    drafts: mx.array, q_logp: mx.array, p_logp: mx.array, key: mx.array
+) -> Tuple[mx.array, mx.array]:
+    """The common sample-and-compare rule (mlx-lm, mlx-vlm): draw y_j ~ p_j at every verify
+    position and accept drafts while d_i == y_{i-1}; emit y_n. Lossless but it rejects
+    good drafts; kept for comparison, not used by default."""
+    B, K = drafts.shape
+    y = mx.random.categorical(p_logp, axis=-1, key=key).astype(mx.int32)  # [B, K+1]
+    match = (drafts.astype(mx.int32) == y[:, :K]).astype(mx.int32)
+    n = mx.cumprod(match, axis=1).sum(axis=1) if K else mx.zeros((B,), mx.int32)
+    return n, mx.take_along_axis(y, n[:, None], axis=1)[:, 0]

@@ -30,9 +30,9 @@ class DraftContext:
 
 
 def draft_context(cache: TargetCache, window: int, position: str = "B") -> DraftContext:
-    """Context for drafting after the cache holds exactly the committed tokens 0..P_b-1."""
-    P_b = cache.offset
-    last = mx.array([[P_b - 1]], dtype=mx.int32)
+    """Context for drafting once each row's cache holds exactly its committed tokens
+    0..P_b-1 (rows may differ in length)."""
+    last = mx.array(cache.offsets, dtype=mx.int32)[:, None] - 1  # [B, 1]
     masks = {"sliding_attention": DraftMask(last, window), "full_attention": DraftMask(last, 0)}
     q = last if position == "B" else last + 1
     return DraftContext(cache.drafter_view(), q, masks)
@@ -60,3 +60,24 @@ def draft_greedy(target, drafter, ctx: DraftContext, token: mx.array, hidden: mx
         token = drafter.argmax(hd)  # [B, 1]
         out.append(token)
     return mx.concatenate(out, axis=1)
+
+
+def draft_sampled(target, drafter, ctx: DraftContext, token: mx.array, hidden: mx.array, k: int,
+                  logp_fn, key: mx.array):
+    """K draft tokens drawn from the drafter's own filtered distribution q.
+
+    ``logp_fn(seen [B, i+1], logits [B, 1, V]) -> log q [B, 1, V]`` applies the target's
+    processors, temperature and filters, where ``seen`` is the bonus and the drafts so far.
+    Returns (drafts [B, K], q log-probs [B, K, V]).
+    """
+    if k == 0:
+        return mx.zeros((token.shape[0], 0), mx.int32), mx.zeros((token.shape[0], 0, drafter.cfg.text.vocab_size))
+    seen, toks, qs = token, [], []
+    for k_i in mx.random.split(key, k):
+        hd, hidden = drafter(target.embed(token), hidden, ctx.kv, ctx.q_pos, ctx.masks)
+        logq = logp_fn(seen, drafter.logits(hd))
+        token = mx.random.categorical(logq, axis=-1, key=k_i).astype(mx.int32)  # [B, 1]
+        seen = mx.concatenate([seen, token], axis=1)
+        toks.append(token)
+        qs.append(logq)
+    return mx.concatenate(toks, axis=1), mx.concatenate(qs, axis=1)

@@ -1,36 +1,44 @@
-"""Generation loops: plain greedy decoding and greedy speculative decoding.
+"""Generation loops: plain and speculative decoding, greedy or sampled, for 1..B rows.
 
-Each yields one ``Step`` per target forward. The only host synchronisations are here, one
-per step (marked ``# sync``). Rollback uses the cache's ``trim``, which raises rather than
-trim less than asked.
+Each loop yields one ``BatchStep`` per target forward. The only host synchronisations are
+here, one per step (marked ``# sync``). Every row keeps its own accepted count, EOS and
+token budget (ragged rollback, never clamped to the batch minimum) and leaves the batch
+when done. Rollback uses the cache's ``trim``, which raises rather than trim less than
+asked. Logits processors see a row's committed tokens plus, at verify position j, the
+drafts before it: never a rejected draft.
 
 Not here: tokenizing, detokenizing, stop strings, statistics (``mtp_mlx.api``).
 """
 
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 
-from ..cache import KVView
+from ..cache import KVView, TargetCache
 from ..errors import MtpError
-from .accept import accept_greedy
-from .draft import POSITIONS, draft_context, draft_greedy, hf_draft_context
+from ..sampling import SamplingConfig, apply_processors, draw, log_probs
+from .accept import accept_greedy, accept_sampled
+from .draft import POSITIONS, draft_context, draft_greedy, draft_sampled, hf_draft_context
 
 MAX_DRAFT = 8
 PREFILL_STEP = 512
+GREEDY = SamplingConfig()
 
 
 @dataclass
 class Step:
-    """Tokens emitted by one target forward (prefill: the first token)."""
+    """Tokens one target forward emitted for one row (prefill: the first token)."""
 
     tokens: List[int]
     from_draft: List[bool]
     drafted: int = 0
     accepted: int = 0
     drafts: List[int] = field(default_factory=list)  # what the drafter proposed this round
-    finish_reason: Optional[str] = None  # "stop" (EOS) or "length" on the last step
+    finish_reason: Optional[str] = None  # "stop" (EOS) or "length" on a row's last step
+
+
+BatchStep = Dict[int, Step]  # prompt index -> what that row got from this forward
 
 
 @dataclass
@@ -52,110 +60,255 @@ class _Budget:
         return out, None
 
 
-def _check(prompt: Sequence[int], max_tokens: int, num_draft: int, max_pos: int) -> None:
-    if len(prompt) == 0:
-        raise MtpError("the prompt is empty: pass at least one token of text")
-    if max_tokens < 1:
-        raise MtpError(f"max_tokens {max_tokens} is out of range: use a value >= 1")
+def _check(prompts, max_tokens: Sequence[int], num_draft: int, max_pos: int) -> None:
+    if not prompts:
+        raise MtpError("no prompts: pass at least one")
+    for i, (p, m) in enumerate(zip(prompts, max_tokens)):
+        name = "the prompt" if len(prompts) == 1 else f"prompt {i + 1}"
+        if len(p) == 0:
+            raise MtpError(f"{name} is empty: pass at least one token of text")
+        if m < 1:
+            raise MtpError(f"max_tokens {m} is out of range: use a value >= 1")
+        if len(p) + m > max_pos:
+            raise MtpError(
+                f"{name} has {len(p)} tokens; with max_tokens {m} it exceeds the model's "
+                f"{max_pos} positions: shorten it or lower --max-tokens"
+            )
     if not 0 <= num_draft <= MAX_DRAFT:
         raise MtpError(f"num_draft_tokens {num_draft} is out of range: use 1..{MAX_DRAFT} (0 disables drafting)")
-    if len(prompt) + max_tokens > max_pos:
-        raise MtpError(
-            f"prompt of {len(prompt)} tokens + max_tokens {max_tokens} exceeds the model's "
-            f"{max_pos} positions: shorten the prompt or lower --max-tokens"
-        )
 
 
-def _prefill(target, cache, prompt: mx.array, step: int = PREFILL_STEP):
-    """Run the prompt through the target in chunks; return the last position's output."""
-    P = prompt.shape[1]
-    for s in range(0, P - 1, step):
-        e = min(s + step, P - 1)
-        out = target(prompt[:, s:e], cache, logits_from=e - s - 1)
-        mx.eval(cache.layers[next(iter(cache.layers))].keys)  # sync: bound prefill memory
-    return target(prompt[:, P - 1 :], cache)
+class _Rows:
+    """Per-row host state of a batch: prompt index, budget and committed history."""
+
+    def __init__(self, prompts, max_tokens, eos, sampling: SamplingConfig, processors):
+        self.ids = list(range(len(prompts)))
+        self.budgets = [_Budget(m, frozenset(eos)) for m in max_tokens]
+        self.history = [list(p) for p in prompts]  # committed tokens, the newest excluded
+        self.cfg = sampling
+        self.processors = list(processors) + sampling.processors()
+        self.key = mx.random.key(sampling.seed if sampling.seed is not None else 0)
+
+    def next_key(self) -> mx.array:
+        self.key, k = mx.random.split(self.key)
+        return k
+
+    def processed(self, chunk: mx.array, logits: mx.array) -> mx.array:
+        """Logits [B, L, V] after each row's processors; position j sees history + chunk[:j+1]."""
+        if not self.processors:
+            return logits
+        return mx.concatenate([
+            apply_processors(self.processors, mx.array(h, dtype=mx.int32), chunk[b], logits[b : b + 1])
+            for b, h in enumerate(self.history)
+        ])
+
+    def logp(self, chunk: mx.array, logits: mx.array) -> mx.array:
+        return log_probs(self.processed(chunk, logits), self.cfg)
+
+    def logp_next(self, seen: mx.array, logits: mx.array) -> mx.array:
+        """Log-probs for the position after history + seen [B, i] (drafting); logits [B, 1, V]."""
+        if self.processors:
+            logits = mx.concatenate([
+                apply_processors(self.processors, mx.concatenate([mx.array(h, dtype=mx.int32), seen[b, :-1]]),
+                                 seen[b, -1:], logits[b : b + 1])
+                for b, h in enumerate(self.history)
+            ])
+        return log_probs(logits, self.cfg)
+
+    def pick(self, chunk: mx.array, logits: mx.array) -> mx.array:
+        """Token [B] for the last position of logits [B, L, V]."""
+        last = self.processed(chunk, logits)[:, -1]
+        if self.cfg.greedy:
+            return mx.argmax(last, axis=-1).astype(mx.int32)
+        return draw(log_probs(last, self.cfg), self.next_key())
+
+    def take(self, b: int, tokens: List[int]):
+        toks, reason = self.budgets[b].take(tokens)
+        return toks, reason
+
+    def keep(self, rows: List[int]) -> None:
+        self.ids = [self.ids[r] for r in rows]
+        self.budgets = [self.budgets[r] for r in rows]
+        self.history = [self.history[r] for r in rows]
 
 
-def generate_step(target, prompt: Sequence[int], *, max_tokens: int, eos_ids=()) -> Iterator[Step]:
-    """Plain greedy decoding with the target alone (the reference the speculative loop must equal)."""
-    _check(prompt, max_tokens, 0, target.cfg.max_position_embeddings)
-    budget = _Budget(max_tokens, frozenset(eos_ids))
-    cache = target.make_cache(max_draft=MAX_DRAFT)
-    out = _prefill(target, cache, mx.array([list(prompt)], dtype=mx.int32))
-    tok = mx.argmax(out.logits[:, -1], axis=-1).astype(mx.int32)
+def _prefill(target, prompts: Sequence[Sequence[int]], max_draft: int):
+    """Prefill each group of equal-length prompts as one batch, in chunks, then stack the
+    groups' caches. Returns (cache, last logits [B, 1, V], last hidden [B, 1, H], order)
+    where row r of the batch is prompt ``order[r]``."""
+    groups: Dict[int, List[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(len(p), []).append(i)
+    caches, logits, hidden, order = [], [], [], []
+    for P, idx in groups.items():
+        cache = target.make_cache(max_draft=max_draft)
+        ids = mx.array([list(prompts[i]) for i in idx], dtype=mx.int32)
+        for s in range(0, P - 1, PREFILL_STEP):
+            e = min(s + PREFILL_STEP, P - 1)
+            target(ids[:, s:e], cache, logits_from=e - s - 1)
+            mx.eval([c.keys for c in cache.layers.values()])  # sync: bound prefill memory
+        out = target(ids[:, P - 1 :], cache)
+        caches.append(cache)
+        logits.append(out.logits)
+        hidden.append(out.hidden)
+        order.extend(idx)
+    cache = caches[0] if len(caches) == 1 else TargetCache.stack(caches)
+    return cache, mx.concatenate(logits), mx.concatenate(hidden), order
+
+
+def _start(target, prompts, max_tokens, eos_ids, sampling, processors, num_draft):
+    """Shared start of both loops: checks, per-row state, prefill, first tokens."""
+    max_tokens = [max_tokens] * len(prompts) if isinstance(max_tokens, int) else list(max_tokens)
+    _check(prompts, max_tokens, num_draft, target.cfg.max_position_embeddings)
+    cache, logits, hidden, order = _prefill(target, prompts, max(num_draft, 1))
+    rows = _Rows([prompts[i][:-1] for i in order], [max_tokens[i] for i in order], eos_ids, sampling, processors)
+    rows.ids = order
+    last = mx.array([[prompts[i][-1]] for i in order], dtype=mx.int32)
+    first = rows.pick(last, logits)  # [B]
+    for b, i in enumerate(order):
+        rows.history[b].append(prompts[i][-1])
+    return cache, rows, first, hidden
+
+
+def _emit(rows: _Rows, tokens: List[List[int]], n_acc: List[int], drafts: List[List[int]], k: int):
+    """Crop each row's tokens at EOS/budget; return the BatchStep and the rows still running."""
+    step: BatchStep = {}
+    alive = []
+    for b, toks in enumerate(tokens):
+        out, reason = rows.take(b, toks)
+        n = n_acc[b]
+        step[rows.ids[b]] = Step(out, [True] * min(len(out), n) + [False] * max(0, len(out) - n),
+                                 drafted=k, accepted=n, drafts=drafts[b], finish_reason=reason)
+        if reason is None:
+            alive.append(b)
+    return step, alive
+
+
+def generate_batch(
+    target, prompts: Sequence[Sequence[int]], *, max_tokens: Union[int, Sequence[int]], eos_ids=(),
+    sampling: SamplingConfig = GREEDY, processors: Sequence = (),
+) -> Iterator[BatchStep]:
+    """Plain decoding with the target alone (the reference the speculative loop must equal)."""
+    cache, rows, tok, _ = _start(target, prompts, max_tokens, eos_ids, sampling, processors, 0)
     mx.async_eval(tok)
     while True:
-        # Queue the next forward before waiting on this token, so the device never idles.
-        nxt = mx.argmax(target(tok[:, None], cache).logits[:, -1], axis=-1).astype(mx.int32)
-        mx.async_eval(nxt)
-        toks, reason = budget.take([tok.item()])  # sync
-        yield Step(toks, [False] * len(toks), finish_reason=reason)
-        if reason:
+        nxt = None
+        if not rows.processors:
+            # Queue the next forward before waiting on this token, so the device never idles
+            # (processors need the token's value first).
+            nxt = rows.pick(tok[:, None], target(tok[:, None], cache).logits)
+            mx.async_eval(nxt)
+        ts = tok.tolist()  # sync
+        step, alive = _emit(rows, [[t] for t in ts], [0] * len(ts), [[] for _ in ts], 0)
+        yield step
+        if not alive:
             return
+        if nxt is None:
+            nxt = rows.pick(tok[:, None], target(tok[:, None], cache).logits)
+        for b, t in enumerate(ts):
+            rows.history[b].append(t)
         tok = nxt
+        if len(alive) < len(ts):
+            _keep(rows, cache, alive)
+            tok = tok[mx.array(alive)]
 
 
-def speculative_generate_step(
+def speculative_generate_batch(
     target,
     drafter,
-    prompt: Sequence[int],
+    prompts: Sequence[Sequence[int]],
     *,
-    max_tokens: int,
+    max_tokens: Union[int, Sequence[int]],
     num_draft: int = 4,
     eos_ids=(),
     position: str = "B",
-) -> Iterator[Step]:
-    """Greedy speculative decoding: draft K -> verify K+1 in one target forward -> accept
-    the agreeing prefix plus the target's own next token -> roll back the rest.
+    sampling: SamplingConfig = GREEDY,
+    processors: Sequence = (),
+    accept: Callable = accept_sampled,
+) -> Iterator[BatchStep]:
+    """Speculative decoding: draft K -> verify K+1 in one target forward -> accept each
+    row's agreeing prefix plus one target token -> roll back each row's rejected rest.
 
-    Output is token-identical to ``generate_step``. ``position`` picks the drafter's
-    query-position convention (``mtp_mlx.spec.draft``).
+    Greedy (``sampling.temperature == 0``) output is token-identical to ``generate_batch``
+    row by row; sampled output has exactly the target's distribution (``accept`` is the
+    rejection rule, replaceable for experiments). ``position`` picks the drafter's
+    query-position convention (``mtp_mlx.spec.draft``; "hf" needs a single row).
     """
-    _check(prompt, max_tokens, num_draft, target.cfg.max_position_embeddings)
     if position not in POSITIONS:
         raise MtpError(f"unknown draft position convention {position!r}: use one of {', '.join(POSITIONS)}")
+    if position == "hf" and len(prompts) != 1:
+        raise MtpError("draft position 'hf' (reference parity) supports one prompt at a time")
     window = target.cfg.sliding_window
-    budget = _Budget(max_tokens, frozenset(eos_ids))
-    cache = target.make_cache(max_draft=max(num_draft, 1))
-    prompt_arr = mx.array([list(prompt)], dtype=mx.int32)
-    out = _prefill(target, cache, prompt_arr)
-    # 1. Prefill picks the first token; its hidden state seeds the first round.
-    bonus = mx.argmax(out.logits[:, -1:], axis=-1).astype(mx.int32)  # [B, 1]
-    hidden = out.hidden[:, -1:]
-    first = bonus.item()  # sync
-    toks, reason = budget.take([first])
-    yield Step(toks, [False] * len(toks), finish_reason=reason)
-    if reason:
-        return
-    # HF-parity mode drafts from the latest forward's K/V before rollback (spec §5.3).
-    hf = (_snapshot(cache), len(prompt) - 1, len(prompt)) if position == "hf" else None
-    while True:
-        k = min(num_draft, max_tokens - budget.emitted - 1)
-        # 2. Draft K tokens from (bonus, hidden), reading the committed K/V in place.
-        P_b = cache.offset
-        if position == "hf":
-            ctx = hf_draft_context(hf[0], P_b, hf[1], hf[2], window)
-        else:
-            ctx = draft_context(cache, window, position)
-        drafts = draft_greedy(target, drafter, ctx, bonus, hidden, k) if k else mx.zeros((1, 0), mx.int32)
-        # 3. Verify [bonus, d_1..d_K] in one target forward; accept the agreeing prefix.
-        out = target(mx.concatenate([bonus, drafts], axis=1), cache)
-        n, nxt, _ = accept_greedy(drafts, out.logits)
-        mx.eval(n, nxt, drafts)  # sync: the one per round
-        n_acc = n.item()
-        proposed = drafts[0].tolist()
-        emitted = proposed[:n_acc] + [nxt.item()]
-        # 4. Roll back the K - n rejected entries; the next round starts from position n.
-        if position == "hf":
-            hf = (_snapshot(cache), P_b + k, k + 1)
-        cache.trim(k - n_acc)
-        bonus = nxt[:, None]
-        hidden = out.hidden[:, n_acc : n_acc + 1]
-        toks, reason = budget.take(emitted)
-        yield Step(toks, [True] * min(len(toks), n_acc) + [False] * max(0, len(toks) - n_acc),
-                   drafted=k, accepted=n_acc, drafts=proposed, finish_reason=reason)
-        if reason:
+    # 1. Prefill picks each row's first token; its hidden state seeds the first round.
+    cache, rows, first, hidden = _start(target, prompts, max_tokens, eos_ids, sampling, processors, num_draft)
+    ts = first.tolist()  # sync
+    step, alive = _emit(rows, [[t] for t in ts], [0] * len(ts), [[] for _ in ts], 0)
+    yield step
+    bonus = first[:, None]
+    if len(alive) < len(ts):
+        if not alive:
             return
+        _keep(rows, cache, alive)
+        bonus, hidden, ts = bonus[mx.array(alive)], hidden[mx.array(alive)], [ts[b] for b in alive]
+    P = len(prompts[0])
+    hf = (_snapshot(cache), P - 1, P) if position == "hf" else None
+    while True:
+        k = min(num_draft, max(b.max_tokens - b.emitted for b in rows.budgets) - 1)
+        ctx = hf_draft_context(hf[0], cache.offset, hf[1], hf[2], window) if hf else draft_context(cache, window, position)
+        # 2. Draft K tokens per row from (bonus, hidden), reading the committed K/V in place.
+        B = bonus.shape[0]
+        if sampling.greedy:
+            drafts = draft_greedy(target, drafter, ctx, bonus, hidden, k) if k else mx.zeros((B, 0), mx.int32)
+        else:
+            drafts, q = draft_sampled(target, drafter, ctx, bonus, hidden, k, rows.logp_next, rows.next_key())
+        # 3. Verify [bonus, d_1..d_K] of every row in one target forward and accept.
+        chunk = mx.concatenate([bonus, drafts], axis=1)
+        P_b = cache.offsets
+        out = target(chunk, cache)
+        if sampling.greedy:
+            n, nxt, _ = accept_greedy(drafts, rows.processed(chunk, out.logits))
+        else:
+            n, nxt = accept(drafts, q, rows.logp(chunk, out.logits), rows.next_key())
+        mx.eval(n, nxt, drafts)  # sync: the one per round
+        n_acc, nexts, proposed = n.tolist(), nxt.tolist(), drafts.tolist()
+        # 4. Roll back each row's K - n rejected entries; its next round starts from n.
+        if hf:
+            hf = (_snapshot(cache), P_b[0] + k, k + 1)
+        cache.trim([k - a for a in n_acc])
+        for b in range(B):
+            rows.history[b].extend([ts[b]] + proposed[b][: n_acc[b]])
+        hidden = mx.take_along_axis(out.hidden, n[:, None, None], axis=1)  # [B, 1, H]
+        bonus, ts = nxt[:, None], nexts
+        tokens = [proposed[b][: n_acc[b]] + [nexts[b]] for b in range(B)]
+        step, alive = _emit(rows, tokens, n_acc, proposed, k)
+        yield step
+        if not alive:
+            return
+        if len(alive) < B:
+            _keep(rows, cache, alive)
+            sel = mx.array(alive)
+            bonus, hidden, ts = bonus[sel], hidden[sel], [ts[b] for b in alive]
+
+
+def _keep(rows: _Rows, cache: TargetCache, alive: List[int]) -> None:
+    """Finished rows leave the batch."""
+    rows.keep(alive)
+    cache.select(alive)
+
+
+def _single(batch: Iterator[BatchStep]) -> Iterator[Step]:
+    for step in batch:
+        yield step[0]
+
+
+def generate_step(target, prompt: Sequence[int], *, max_tokens: int, **kwargs) -> Iterator[Step]:
+    """Plain decoding of one prompt; yields one ``Step`` per token."""
+    return _single(generate_batch(target, [prompt], max_tokens=max_tokens, **kwargs))
+
+
+def speculative_generate_step(target, drafter, prompt: Sequence[int], *, max_tokens: int, **kwargs) -> Iterator[Step]:
+    """Speculative decoding of one prompt; yields one ``Step`` per target forward."""
+    return _single(speculative_generate_batch(target, drafter, [prompt], max_tokens=max_tokens, **kwargs))
 
 
 def _snapshot(cache):
