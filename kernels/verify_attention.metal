@@ -99,9 +99,9 @@ for (int j0 = 0; j0 < n_k; j0 += BK) {
         for (int e = 0; e < EPL; ++e) {
           part += qv[r][e] * float(k_tile[j * D + e * 32 + lane]);
         }
-        const float dot = metal::simd_sum(part);
+        const float score = metal::simd_sum(part);
         if (int(lane) == j) {
-          s = dot;
+          s = score;
         }
       }
       s = vis ? s : NEG_BIG;
