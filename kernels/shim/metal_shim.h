@@ -31,6 +31,17 @@
 // and whether Apple's compiler accepts the source.
 #pragma once
 
+// Context switch: a few lines of assembly on x86-64 ELF (glibc's swapcontext makes a system call
+// per switch, about 50x slower); ucontext elsewhere, or with -DMTP_SHIM_UCONTEXT.
+#if defined(__x86_64__) && defined(__ELF__) && !defined(MTP_SHIM_UCONTEXT)
+#define MTP_SHIM_ASM_SWITCH 1
+#else
+#if defined(__APPLE__)
+#define _XOPEN_SOURCE 700  // macOS exposes the (deprecated) ucontext routines only with it
+#define _DARWIN_C_SOURCE 1
+#endif
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdarg>
@@ -47,7 +58,7 @@
 
 #include <sys/mman.h>
 #include <unistd.h>
-#if !defined(__x86_64__)
+#if !defined(MTP_SHIM_ASM_SWITCH)
 #include <ucontext.h>
 #endif
 
@@ -156,7 +167,7 @@ struct SimdGroup {
 struct Fiber {
   void* sp = nullptr;
   State state = State::Runnable;
-#if !defined(__x86_64__)
+#if !defined(MTP_SHIM_ASM_SWITCH)
   ucontext_t uc;
 #endif
 };
@@ -172,7 +183,7 @@ struct Run {
   std::source_location barrier_site;
   long barriers_completed = 0;
   void* sched_sp = nullptr;
-#if !defined(__x86_64__)
+#if !defined(MTP_SHIM_ASM_SWITCH)
   ucontext_t sched_uc;
 #endif
   const std::function<void(const Lane&)>* body = nullptr;
@@ -205,7 +216,7 @@ inline thread_local Stacks g_stacks;
 
 }  // namespace shim
 
-#if defined(__x86_64__)
+#if defined(MTP_SHIM_ASM_SWITCH)
 // switch(save_sp, new_sp): saves callee-saved registers, MXCSR and the x87 control word on the
 // current stack, stores the stack pointer in *save_sp, and resumes the context saved at new_sp.
 extern "C" void mtp_shim_switch(void** save_sp, void* new_sp);
@@ -255,7 +266,7 @@ namespace shim {
 inline void to_scheduler() {
   Run& r = *g_run;
   ++r.switches;
-#if defined(__x86_64__)
+#if defined(MTP_SHIM_ASM_SWITCH)
   mtp_shim_switch(&r.fibers[size_t(r.current)].sp, r.sched_sp);
 #else
   swapcontext(&r.fibers[size_t(r.current)].uc, &r.sched_uc);
@@ -266,7 +277,7 @@ inline void to_fiber(int i) {
   Run& r = *g_run;
   r.current = i;
   ++r.switches;
-#if defined(__x86_64__)
+#if defined(MTP_SHIM_ASM_SWITCH)
   mtp_shim_switch(&r.sched_sp, r.fibers[size_t(i)].sp);
 #else
   swapcontext(&r.sched_uc, &r.fibers[size_t(i)].uc);
@@ -276,7 +287,7 @@ inline void to_fiber(int i) {
 inline void init_fiber(int i) {
   Run& r = *g_run;
   char* stack = g_stacks.get(i);
-#if defined(__x86_64__)
+#if defined(MTP_SHIM_ASM_SWITCH)
   uintptr_t top = (reinterpret_cast<uintptr_t>(stack) + kStackBytes) & ~uintptr_t(15);
   uint64_t* sp = reinterpret_cast<uint64_t*>(top - 80);
   uint32_t csr[2] = {0x1f80u, 0x037fu};  // default MXCSR, default x87 control word
