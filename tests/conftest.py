@@ -1,0 +1,45 @@
+"""Shared pytest fixtures.
+
+``fixtures`` (alias ``fixtures_dir``): a session-scoped Path to the tiny random checkpoints built by
+``scripts/make_fixtures.py`` (all kinds: ``<dir>/<kind>/{target,assistant}``). Default location
+``<repo>/fixtures`` (gitignored, reused across runs; the build is skipped for kinds already
+there); override with the environment variable ``MTP_MLX_FIXTURES``. Building needs CPU torch +
+transformers; without them the fixture skips the test with a reason.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_make_fixtures():
+    """Import ``scripts/make_fixtures.py`` as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("make_fixtures", ROOT / "scripts" / "make_fixtures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fixtures_path() -> Path:
+    return Path(os.environ.get("MTP_MLX_FIXTURES") or ROOT / "fixtures")
+
+
+@pytest.fixture(scope="session")
+def fixtures() -> Path:
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None:
+        pytest.skip("building the fixture checkpoints needs CPU torch + transformers (pip install torch==2.13.0)")
+    out = fixtures_path()
+    rc = load_make_fixtures().main(["--out", str(out)])
+    assert rc == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir(fixtures) -> Path:
+    return fixtures
