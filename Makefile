@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 FIXTURES ?= fixtures
 PROMPT ?= def fibonacci(n):
 
-.PHONY: setup test fixtures demo bench lint check-kernels clean
+.PHONY: setup test fixtures demo bench tune lint check-kernels clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,11 +24,17 @@ demo: fixtures
 	$(BIN)/mtp-mlx generate --model $(FIXTURES)/agree/target --drafter $(FIXTURES)/agree/assistant \
 		--prompt "$(PROMPT)" --max-tokens 64 --raw
 
+# Everything CI runs: the test suite (fixtures are built on first use), then the kernel checker.
 test:
 	$(BIN)/python -m pytest
+	$(BIN)/python kernels/check_kernels.py
 
 check-kernels:
 	$(BIN)/python kernels/check_kernels.py
+
+tune: fixtures
+	$(BIN)/pip install -q matplotlib
+	$(BIN)/mtp-mlx tune --model $(FIXTURES)/agree/target --drafter $(FIXTURES)/agree/assistant --out tuning
 
 bench: fixtures
 	$(BIN)/python scripts/bench.py --model $(FIXTURES)/agree/target --drafter $(FIXTURES)/agree/assistant
@@ -38,4 +44,4 @@ lint:
 	$(BIN)/ruff check mtp_mlx scripts tests kernels
 
 clean:
-	rm -rf $(FIXTURES) .pytest_cache build *.egg-info
+	rm -rf $(FIXTURES) .pytest_cache build *.egg-info kernels/.build

@@ -7,7 +7,7 @@ line on stderr and exit 1, without a traceback; Ctrl-C exits 130.
 import functools
 import sys
 from enum import Enum
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -82,49 +82,151 @@ def _print_stats(r) -> None:
     err(f"Peak memory: {r.peak_memory:.3f} GB")
 
 
+def _demo_paths():
+    """The bundled demonstration pair, if this install has one."""
+    try:
+        from .demo import DEMO_DRAFTER, DEMO_TARGET
+    except ImportError:
+        return None
+    return (DEMO_TARGET, DEMO_DRAFTER) if DEMO_TARGET.is_dir() else None
+
+
 @app.command()
 @user_errors
 def generate(
-    model: str = typer.Option(..., "--model", help="Gemma 4 target: local folder or HF repo id."),
+    model: Optional[str] = typer.Option(
+        None, "--model", help="Gemma 4 target: local folder or HF repo id (default: the bundled demo pair)."
+    ),
     drafter: Optional[str] = typer.Option(
         None, "--drafter", "--draft-model", help="Its MTP '-assistant' drafter: folder or repo id."
     ),
     prompt: Optional[str] = typer.Option(
         None, "--prompt", "-p", help="Prompt text; '-' (or omitted with piped input) reads standard input."
     ),
+    prompts_file: Optional[str] = typer.Option(
+        None, "--prompts-file", help="Batch: one prompt per line (1..8 lines); outputs in input order."
+    ),
     max_tokens: int = typer.Option(DEFAULT_MAX_TOKENS, "--max-tokens", "-m", help="Tokens to generate at most."),
-    num_draft_tokens: int = typer.Option(
-        DEFAULT_NUM_DRAFT, "--num-draft-tokens", help="Draft tokens per round, 1..8."
+    num_draft_tokens: Optional[int] = typer.Option(
+        None, "--num-draft-tokens", help="Draft tokens per round, 1..8 (default: the tuned value, else 4)."
     ),
     no_drafter: bool = typer.Option(False, "--no-drafter", help="Decode with the target alone."),
+    temp: float = typer.Option(0.0, "--temp", help="Sampling temperature; 0 = greedy."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: keep the smallest set of mass top_p."),
+    top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0 = off)."),
+    min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min_p x the top probability."),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="Penalty for recent tokens (1 = off)."),
+    repetition_context_size: int = typer.Option(20, "--repetition-context-size", help="Tokens the penalty looks at."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (sampled runs are reproducible)."),
+    stop: List[str] = typer.Option([], "--stop", help="Stop string (repeatable); never shown in the output."),
     raw: bool = typer.Option(False, "--raw", help="No chat template: tokenize the prompt as the checkpoint does."),
     system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="System prompt for the chat template."),
     draft_position: str = typer.Option(
         "B", "--draft-position", help="Drafter query position: B (P_b-1, default), A (P_b), hf (reference parity)."
+    ),
+    attention_backend: str = typer.Option(
+        "auto", "--attention-backend", help="Verify attention: auto (Metal kernel where available), reference, metal."
     ),
     dtype: Optional[Dtype] = typer.Option(None, "--dtype", help="Cast floating-point weights to this type."),
 ) -> None:
     """Generate text, streaming it to standard output; statistics go to standard error."""
     from . import api
     from .loading import load
+    from .ops import set_attention_backend
+    from .sampling import SamplingConfig
+    from .tuning import recommended_num_draft
 
-    text = _read_prompt(prompt)
-    if not 1 <= num_draft_tokens <= 8:
-        raise MtpError(f"--num-draft-tokens {num_draft_tokens} is out of range: use 1..8 (or --no-drafter)")
+    set_attention_backend(attention_backend)
+    sampling = SamplingConfig(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+                              repetition_penalty=repetition_penalty,
+                              repetition_context_size=repetition_context_size, seed=seed)
     if max_tokens < 1:
         raise MtpError(f"--max-tokens {max_tokens} is out of range: use a value >= 1")
+    if num_draft_tokens is not None and not 1 <= num_draft_tokens <= 8:
+        raise MtpError(f"--num-draft-tokens {num_draft_tokens} is out of range: use 1..8 (or --no-drafter)")
+    texts = _read_prompts_file(prompts_file) if prompts_file else [_read_prompt(prompt)]
+    if model is None:
+        demo = _demo_paths()
+        if demo is None:
+            raise MtpError("no --model given and this install has no bundled demo pair: pass --model and --drafter")
+        model, drafter = str(demo[0]), (None if no_drafter else str(demo[1]))
+        typer.echo("mtp-mlx: no --model given: using the bundled demonstration pair (a tiny "
+                   "Gemma-4-architecture model trained on Python's standard library, not Gemma)", err=True)
     pair = load(model, None if no_drafter else drafter, dtype=dtype.value if dtype else None)
-    ids = api.format_prompt(pair.tokenizer, text, raw=raw, system=system_prompt)
+    k = num_draft_tokens
+    if k is None and pair.drafter is not None:
+        k = recommended_num_draft(pair, len(texts))
+        if k is not None:
+            typer.echo(f"mtp-mlx: using the tuned draft length K={k or 'none'} for this pair and machine "
+                       "(mtp-mlx tune; override with --num-draft-tokens or --no-drafter)", err=True)
+    k = DEFAULT_NUM_DRAFT if k is None else k
+    ids = [api.format_prompt(pair.tokenizer, t, raw=raw, system=system_prompt) for t in texts]
+    kw = dict(max_tokens=max_tokens, num_draft_tokens=max(k, 1), use_drafter=not no_drafter and k > 0,
+              sampling=sampling, stop=stop)
+    if prompts_file:
+        _print_batch(api.batch_generate(pair, ids, **kw))
+        return
     last = None
-    for last in api.stream_generate(
-        pair, ids, max_tokens=max_tokens, num_draft_tokens=num_draft_tokens,
-        use_drafter=not no_drafter, draft_position=draft_position,
-    ):
+    for last in api.stream_generate(pair, ids[0], draft_position=draft_position, **kw):
         sys.stdout.write(last.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
     if last is not None:
         _print_stats(last)
+
+
+def _read_prompts_file(path: str) -> List[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.rstrip("\n") for line in f if line.strip()]
+    except OSError as e:
+        raise MtpError(f"cannot read --prompts-file {path}: {e.strerror}: pass a text file, one prompt per line")
+    if not 1 <= len(lines) <= 8:
+        raise MtpError(f"--prompts-file {path} has {len(lines)} prompts: batches take 1..8 (one per line)")
+    return [line.replace("\\n", "\n") for line in lines]
+
+
+def _print_batch(resp) -> None:
+    for i, r in enumerate(resp.results):
+        sys.stdout.write(f"==== [{i + 1}/{len(resp.results)}] ====\n{r.text}\n")
+    err = functools.partial(typer.echo, err=True)
+    err("==========")
+    err(f"Prompt: {sum(r.prompt_tokens for r in resp.results)} tokens, {resp.prompt_tps:.3f} tokens-per-sec")
+    err(f"Generation: {sum(len(r.tokens) for r in resp.results)} tokens, "
+        f"{resp.generation_tps:.3f} tokens-per-sec (all rows)")
+    for i, r in enumerate(resp.results):
+        acc = f", acceptance {100 * r.acceptance_rate:.1f}%" if r.drafted else ""
+        err(f"  [{i + 1}] {len(r.tokens)} tokens, {r.generation_tps:.3f} tokens-per-sec{acc}, "
+            f"{r.tokens_per_forward:.2f} tokens per target forward")
+    err(f"Peak memory: {resp.peak_memory:.3f} GB")
+
+
+@app.command()
+@user_errors
+def tune(
+    model: Optional[str] = typer.Option(None, "--model", help="Target (default: the bundled demo pair)."),
+    drafter: Optional[str] = typer.Option(None, "--drafter", "--draft-model", help="Its drafter."),
+    prompts_file: Optional[str] = typer.Option(None, "--prompts-file", help="Prompts to cycle through (one per line)."),
+    max_tokens: int = typer.Option(128, "--max-tokens", "-m", help="Tokens per row per run."),
+    runs: int = typer.Option(3, "--runs", help="Timed runs per cell (median reported)."),
+    warmup: int = typer.Option(1, "--warmup", help="Untimed runs per cell first."),
+    batch_sizes: List[int] = typer.Option(list((1, 2, 4, 8)), "--batch-size", help="Batch sizes to sweep (repeatable)."),
+    num_draft: List[int] = typer.Option(list(range(7)), "--num-draft", help="K values to sweep, 0 = no drafter (repeatable)."),
+    out: str = typer.Option("tuning", "--out", help="Folder for the table, CSV, PNG and JSON."),
+    save: bool = typer.Option(True, "--save/--no-save", help="Store the recommendation that generate uses."),
+) -> None:
+    """Sweep batch size x draft length; write table, CSV, PNG plot and the JSON recommendation."""
+    from .tuning import run_tuning
+
+    if model is None:
+        demo = _demo_paths()
+        if demo is None:
+            raise MtpError("no --model given and this install has no bundled demo pair: pass --model and --drafter")
+        model, drafter = str(demo[0]), str(demo[1])
+    texts = _read_prompts_file(prompts_file) if prompts_file else None
+    run_tuning(model, drafter, texts, max_tokens=max_tokens, runs=runs, warmup=warmup,
+               batch_sizes=batch_sizes, draft_lengths=num_draft, out=out, save=save,
+               echo=functools.partial(typer.echo, err=True))
 
 
 # ---- convert ------------------------------------------------------------------------------
