@@ -18,8 +18,9 @@ import mlx.nn as nn
 
 from ..cache import KVView
 from ..ops import verify_attention
+from ..ops.verify_attention import visibility_mask
 from .config import DrafterConfig
-from .layers import MLP, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+from .layers import MLP, RMSNorm, apply_rope, rope_inv_freq, rope_periods
 
 
 @dataclass
@@ -41,13 +42,13 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
         self.o_proj = nn.Linear(self.n_heads * hd, H, bias=False)
 
-    def __call__(self, x, cos, sin, kv: KVView, mask: DraftMask, use_kernel=True):
+    def __call__(self, x, offsets, periods, kv: KVView, mask: DraftMask, dense_mask, use_kernel=True):
         B, L, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim))
-        q = apply_rope(q, cos, sin).transpose(0, 2, 1, 3)
+        q = apply_rope(q.transpose(0, 2, 1, 3), offsets, periods)
         o = verify_attention(
             q, kv.keys, kv.values, q_pos=mask.q, k_pos=kv.pos, window=mask.window,
-            scale=1.0, use_kernel=use_kernel,
+            scale=1.0, use_kernel=use_kernel, mask=dense_mask,
         )
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
@@ -65,9 +66,9 @@ class DecoderLayer(nn.Module):
         self.post_feedforward_layernorm = RMSNorm(H, cfg.rms_norm_eps)
         self.layer_scalar = mx.ones((1,))
 
-    def __call__(self, x, cos, sin, kv, mask, use_kernel=True):
+    def __call__(self, x, offsets, periods, kv, mask, dense_mask, use_kernel=True):
         x = x + self.post_attention_layernorm(
-            self.self_attn(self.input_layernorm(x), cos, sin, kv, mask, use_kernel)
+            self.self_attn(self.input_layernorm(x), offsets, periods, kv, mask, dense_mask, use_kernel)
         )
         x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         return x * self.layer_scalar.astype(x.dtype)
@@ -116,8 +117,8 @@ class Model(nn.Module):
         self.post_projection = nn.Linear(t.hidden_size, cfg.backbone_hidden_size, bias=False)
         if cfg.use_ordered_embeddings:
             self.masked_embedding = MaskedEmbedder(cfg)
-        self._inv_freq = {
-            lt: rope_inv_freq(t.rope_parameters[lt], t.global_head_dim if lt == "full_attention" else t.head_dim)
+        self._periods = {
+            lt: rope_periods(rope_inv_freq(t.rope_parameters[lt], t.global_head_dim if lt == "full_attention" else t.head_dim))
             for lt in set(t.layer_types)
         }
 
@@ -137,10 +138,11 @@ class Model(nn.Module):
         Returns (head hidden [B, 1, H_d] after the final norm, next hidden [B, 1, H_t]).
         """
         x = self.pre_projection(mx.concatenate([emb, hidden], axis=-1))
-        rope = {t: rope_cos_sin(q_pos, f, x.dtype) for t, f in self._inv_freq.items()}
+        offsets = q_pos[:, 0]
+        dense = {t: visibility_mask(m.q, kv[t].pos, m.window) for t, m in masks.items() if t in kv}
         for layer in self.model.layers:
-            cos, sin = rope[layer.layer_type]
-            x = layer(x, cos, sin, kv[layer.layer_type], masks[layer.layer_type], use_kernel)
+            t = layer.layer_type
+            x = layer(x, offsets, self._periods[t], kv[t], masks[t], dense[t], use_kernel)
         hd = self.model.norm(x)
         return hd, self.post_projection(hd)
 

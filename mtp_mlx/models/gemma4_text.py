@@ -19,8 +19,9 @@ from mlx_lm.models.switch_layers import SwitchGLU
 
 from ..cache import KVView, TargetCache, make_target_cache
 from ..ops import verify_attention
+from ..ops.verify_attention import visibility_mask
 from .config import TextConfig
-from .layers import MLP, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq, scaled_embed_factor, softcap
+from .layers import MLP, RMSNorm, apply_rope, rope_inv_freq, rope_periods, scaled_embed_factor, softcap
 
 # Checkpoint keys that belong to other modalities: never read (spec §3.1/§3.2).
 _NON_TEXT = ("vision_tower", "audio_tower", "embed_vision", "embed_audio", "vision_embedder",
@@ -103,22 +104,22 @@ class Attention(nn.Module):
                 self.v_proj = nn.Linear(H, self.n_kv * hd, bias=False)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
 
-    def project_kv(self, x: mx.array, cos, sin):
+    def project_kv(self, x: mx.array, offsets, periods):
         """K (normed, RoPE'd) and V (normed, no RoPE) as [B, nKV, L, D]."""
         B, L, _ = x.shape
         raw = self.k_proj(x).reshape(B, L, self.n_kv, self.head_dim)
         v = raw if self.k_eq_v else self.v_proj(x).reshape(B, L, self.n_kv, self.head_dim)
-        k = apply_rope(self.k_norm(raw), cos, sin)
+        k = apply_rope(self.k_norm(raw).transpose(0, 2, 1, 3), offsets, periods)
         v = mx.fast.rms_norm(v, None, self.eps)
-        return k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        return k, v.transpose(0, 2, 1, 3)
 
-    def __call__(self, x, cos, sin, q_pos, kv: KVView, use_kernel: bool = True):
+    def __call__(self, x, offsets, periods, q_pos, kv: KVView, mask, use_kernel: bool = True):
         B, L, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim))
-        q = apply_rope(q, cos, sin).transpose(0, 2, 1, 3)
+        q = apply_rope(q.transpose(0, 2, 1, 3), offsets, periods)
         o = verify_attention(
             q, kv.keys, kv.values, q_pos=q_pos, k_pos=kv.pos, window=self.window,
-            scale=1.0, use_kernel=use_kernel,
+            scale=1.0, use_kernel=use_kernel, mask=mask,
         )
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
@@ -148,9 +149,9 @@ class DecoderLayer(nn.Module):
             self.post_per_layer_input_norm = RMSNorm(H, cfg.rms_norm_eps)
         self.layer_scalar = mx.ones((1,))
 
-    def __call__(self, h, cos, sin, q_pos, kv, ple_i=None, use_kernel=True):
+    def __call__(self, h, offsets, periods, q_pos, kv, mask, ple_i=None, use_kernel=True):
         h = h + self.post_attention_layernorm(
-            self.self_attn(self.input_layernorm(h), cos, sin, q_pos, kv, use_kernel)
+            self.self_attn(self.input_layernorm(h), offsets, periods, q_pos, kv, mask, use_kernel)
         )
         r = h
         y = self.mlp(self.pre_feedforward_layernorm(h))
@@ -180,8 +181,8 @@ class Model(nn.Module):
             self.embed_tokens_per_layer = nn.Embedding(cfg.vocab_size_per_layer_input, N * P)
             self.per_layer_model_projection = nn.Linear(H, N * P, bias=False)
             self.per_layer_projection_norm = RMSNorm(P, cfg.rms_norm_eps)
-        self._inv_freq = {
-            t: rope_inv_freq(cfg.rope_parameters[t], cfg.global_head_dim if t == "full_attention" else cfg.head_dim)
+        self._periods = {
+            t: rope_periods(rope_inv_freq(cfg.rope_parameters[t], cfg.global_head_dim if t == "full_attention" else cfg.head_dim))
             for t in set(cfg.layer_types)
         }
 
@@ -224,20 +225,23 @@ class Model(nn.Module):
         """
         cfg = self.cfg
         B, L = ids.shape
-        q_pos = mx.array(cache.offsets or [0] * B, dtype=mx.int32)[:, None] + mx.arange(L, dtype=mx.int32)
+        offsets = mx.array(cache.offsets or [0] * B, dtype=mx.int32)
+        q_pos = offsets[:, None] + mx.arange(L, dtype=mx.int32)
         h = self.embed(ids)
         ple = self._per_layer_inputs(ids, h) if cfg.hidden_size_per_layer_input else None
-        rope = {t: rope_cos_sin(q_pos, f, h.dtype) for t, f in self._inv_freq.items()}
         views: Dict[int, KVView] = {}
+        masks: Dict[str, mx.array] = {}  # one visibility mask per layer type and forward
         for i, layer in enumerate(self.layers):
-            cos, sin = rope[layer.layer_type]
+            t = layer.layer_type
             attn = layer.self_attn
             if attn.owns_kv:
-                x = layer.input_layernorm(h)
-                k, v = attn.project_kv(x, cos, sin)
+                k, v = attn.project_kv(layer.input_layernorm(h), offsets, self._periods[t])
                 views[i] = cache.layers[i].update(k, v)
             kv = views[cfg.kv_source(i)]
-            h = layer(h, cos, sin, q_pos, kv, None if ple is None else ple[:, :, i], use_kernel)
+            if t not in masks:
+                masks[t] = visibility_mask(q_pos, kv.pos, attn.window)
+            h = layer(h, offsets, self._periods[t], q_pos, kv, masks[t],
+                      None if ple is None else ple[:, :, i], use_kernel)
         if logits_from:
             h = h[:, logits_from:]
         hidden = self.norm(h)

@@ -51,18 +51,14 @@ def rope_inv_freq(rope: dict, head_dim: int) -> mx.array:
     return inv / factor
 
 
-def rope_cos_sin(positions: mx.array, inv_freq: mx.array, dtype) -> tuple:
-    """cos/sin [B, L, 1, D] for absolute ``positions`` [B, L], computed in float32."""
-    ang = positions.astype(mx.float32)[..., None] * inv_freq  # [B, L, D/2]
-    ang = mx.concatenate([ang, ang], axis=-1)[:, :, None, :]
-    return mx.cos(ang).astype(dtype), mx.sin(ang).astype(dtype)
+def rope_periods(inv_freq: mx.array) -> mx.array:
+    """``mx.fast.rope``'s ``freqs`` (periods, 1/inv_freq; inf = not rotated)."""
+    return mx.where(inv_freq > 0, 1.0 / mx.maximum(inv_freq, 1e-30), mx.inf)
 
 
-def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    """Half-split ("neox") rotation of x [B, L, H, D]: dim j pairs with j + D/2."""
-    half = x.shape[-1] // 2
-    rot = mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos + rot * sin
+def apply_rope(x: mx.array, offsets: mx.array, periods: mx.array) -> mx.array:
+    """Half-split ("neox") RoPE of x [B, H, L, D] at positions offsets[b] + 0..L-1."""
+    return mx.fast.rope(x, x.shape[-1], traditional=False, base=None, scale=1.0, offset=offsets, freqs=periods)
 
 
 def scaled_embed_factor(hidden_size: int, dtype) -> mx.array:

@@ -20,6 +20,8 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import Optional
+
 import mlx.core as mx
 
 from mtp_mlx.errors import MtpError
@@ -44,13 +46,16 @@ def verify_attention_ref(
     k_pos: mx.array,
     window: int = 0,
     scale: float = 1.0,
+    mask: Optional[mx.array] = None,
 ) -> mx.array:
     """Reference attention. q [B, nH, Lq, D], k/v [B, nKV, Lk, D] -> [B, nH, Lq, D].
 
     Grouped-query heads (nH a multiple of nKV); softmax in float32. A query with no visible
-    key (only possible for padding rows) gets an arbitrary finite value.
+    key (only possible for padding rows) gets an arbitrary finite value. ``mask``: the
+    ``visibility_mask`` of these positions, when the caller shares one across layers.
     """
-    mask = visibility_mask(q_pos, k_pos, window)
+    if mask is None:
+        mask = visibility_mask(q_pos, k_pos, window)
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
 
@@ -227,8 +232,11 @@ def verify_attention(
     window: int = 0,
     scale: float = 1.0,
     use_kernel: bool = True,
+    mask: Optional[mx.array] = None,
 ) -> mx.array:
     """Dispatch: the fused Metal kernel when available and allowed, else the reference.
+    ``mask`` (optional, reference path only) is a precomputed ``visibility_mask``; the
+    kernel computes visibility from the positions itself.
 
     ``use_kernel=False`` always takes the reference. Otherwise the backend set with
     ``set_attention_backend`` decides: "metal" always takes the kernel (raising where it cannot
@@ -245,4 +253,4 @@ def verify_attention(
         and kernel_unsupported_reason(q, k, v, q_pos, k_pos) is None
     ):
         return verify_attention_metal(q, k, v, **args)
-    return verify_attention_ref(q, k, v, **args)
+    return verify_attention_ref(q, k, v, mask=mask, **args)
