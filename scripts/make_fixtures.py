@@ -28,7 +28,8 @@ released ones (see ``scripts/FIXTURES.md``). Each target folder carries the same
 tokenizer (vocab 512, ``<turn|>`` = 106) and a ``generation_config.json``.
 
 Usage: ``python scripts/make_fixtures.py [--out fixtures/] [--force] [--kinds e2b,moe]``.
-A kind is skipped when ``<out>/<kind>/.complete`` exists with the current ``FIXTURE_VERSION``.
+A kind is skipped when ``<out>/<kind>/.complete`` exists with the kind's current version
+(``FIXTURE_VERSION`` / ``KIND_VERSIONS``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,13 @@ import time
 from pathlib import Path
 
 FIXTURE_VERSION = 2
+# per-kind overrides: bump a kind's version when only its recipe changes, so cached copies of
+# that kind get rebuilt without rebuilding (and disturbing) the others
+KIND_VERSIONS = {"agree": 3}
+
+
+def kind_version(kind: str) -> int:
+    return KIND_VERSIONS.get(kind, FIXTURE_VERSION)
 
 VOCAB = 512
 SLIDING_WINDOW = 32
@@ -824,7 +832,7 @@ def _is_complete(folder: Path) -> bool:
     if not marker.exists():
         return False
     try:
-        return json.loads(marker.read_text()).get("version") == FIXTURE_VERSION
+        return json.loads(marker.read_text()).get("version") == kind_version(folder.name)
     except (OSError, ValueError):
         return False
 
@@ -896,7 +904,7 @@ def _build_locked(out: Path, kinds: list[str] | None, force: bool) -> Path:
             info = build_agree(tmp, tok_dir)
         else:
             info = build_hf_kind(kind, tmp, tok_dir)
-        entry = dict(_manifest_entry(kind), **info, version=FIXTURE_VERSION)
+        entry = dict(_manifest_entry(kind), **info, version=kind_version(kind))
         (tmp / ".complete").write_text(json.dumps(entry, indent=2) + "\n")
         tmp.rename(folder)
         log(f"built {kind} in {time.time() - t0:.1f}s")
