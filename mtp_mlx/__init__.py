@@ -6,14 +6,19 @@
         print(r.text, end="", flush=True)
 """
 
-from .api import GenerationResponse, format_prompt, generate, stream_generate
+from .api import BatchResponse, BatchResult, GenerationResponse, batch_generate, format_prompt, generate, stream_generate
 from .errors import MtpError
 from .loading import Pair, load
+from .sampling import SamplingConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchResponse",
+    "BatchResult",
     "GenerationResponse",
+    "SamplingConfig",
+    "batch_generate",
     "MtpError",
     "Pair",
     "format_prompt",
