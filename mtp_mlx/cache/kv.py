@@ -78,11 +78,12 @@ class LayerCache:
                 mx.concatenate([self.pos, new_pos], axis=1),
             )
             keep = min(L, self.capacity)
-            self._scatter(k[:, :, L - keep :], v[:, :, L - keep :], new_pos[:, L - keep :])
+            self._scatter(k[:, :, L - keep :], v[:, :, L - keep :], new_pos[:, L - keep :],
+                          [o + L - keep for o in self.offsets])
         else:
             if not self.window:
                 self._grow(max(self.offsets) + L)
-            self._scatter(k, v, new_pos)
+            self._scatter(k, v, new_pos, self.offsets)
             view = None
         self.offsets = [o + L for o in self.offsets]
         self._since_write = [L] * B
@@ -100,9 +101,17 @@ class LayerCache:
         )
         self.pos = mx.concatenate([self.pos, mx.full((B, extra), -1, mx.int32)], axis=1)
 
-    def _scatter(self, k: mx.array, v: mx.array, pos: mx.array) -> None:
-        slots = pos % self.capacity if self.window else pos  # [B, L]
+    def _scatter(self, k: mx.array, v: mx.array, pos: mx.array, first: List[int]) -> None:
+        """Write entries whose positions are pos [B, L]; ``first``: each row's first position."""
         B, H, L, D = k.shape
+        lo = first[0] % self.capacity if self.window else first[0]
+        if all(f == first[0] for f in first) and lo + L <= self.keys.shape[2]:
+            # Fast path: every row writes the same contiguous slots (always so for one row).
+            self.keys[:, :, lo : lo + L] = k
+            self.values[:, :, lo : lo + L] = v
+            self.pos[:, lo : lo + L] = pos
+            return
+        slots = pos % self.capacity if self.window else pos  # [B, L]
         idx = mx.broadcast_to(slots[:, None, :, None], (B, H, L, D))
         self.keys = mx.put_along_axis(self.keys, idx, k, axis=2)
         idx_v = mx.broadcast_to(slots[:, None, :, None], (B, H, L, v.shape[3]))
