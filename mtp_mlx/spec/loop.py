@@ -93,27 +93,25 @@ class _Rows:
         self.key, k = mx.random.split(self.key)
         return k
 
-    def processed(self, chunk: mx.array, logits: mx.array) -> mx.array:
-        """Logits [B, L, V] after each row's processors; position j sees history + chunk[:j+1]."""
+    def processed(self, chunk: mx.array, logits: mx.array, prefix: Optional[mx.array] = None) -> mx.array:
+        """Logits [B, L, V] after each row's processors: position j sees the row's history,
+        then ``prefix`` [B, n] (if any), then chunk[:j+1]."""
         if not self.processors:
             return logits
-        return mx.concatenate([
-            apply_processors(self.processors, mx.array(h, dtype=mx.int32), chunk[b], logits[b : b + 1])
-            for b, h in enumerate(self.history)
-        ])
+        rows = []
+        for b, h in enumerate(self.history):
+            hist = mx.array(h, dtype=mx.int32)
+            if prefix is not None:
+                hist = mx.concatenate([hist, prefix[b]])
+            rows.append(apply_processors(self.processors, hist, chunk[b], logits[b : b + 1]))
+        return mx.concatenate(rows)
 
     def logp(self, chunk: mx.array, logits: mx.array) -> mx.array:
         return log_probs(self.processed(chunk, logits), self.cfg)
 
     def logp_next(self, seen: mx.array, logits: mx.array) -> mx.array:
         """Log-probs for the position after history + seen [B, i] (drafting); logits [B, 1, V]."""
-        if self.processors:
-            logits = mx.concatenate([
-                apply_processors(self.processors, mx.concatenate([mx.array(h, dtype=mx.int32), seen[b, :-1]]),
-                                 seen[b, -1:], logits[b : b + 1])
-                for b, h in enumerate(self.history)
-            ])
-        return log_probs(logits, self.cfg)
+        return log_probs(self.processed(seen[:, -1:], logits, prefix=seen[:, :-1]), self.cfg)
 
     def pick(self, chunk: mx.array, logits: mx.array) -> mx.array:
         """Token [B] for the last position of logits [B, L, V]."""
@@ -121,10 +119,6 @@ class _Rows:
         if self.cfg.greedy:
             return mx.argmax(last, axis=-1).astype(mx.int32)
         return draw(log_probs(last, self.cfg), self.next_key())
-
-    def take(self, b: int, tokens: List[int]):
-        toks, reason = self.budgets[b].take(tokens)
-        return toks, reason
 
     def keep(self, rows: List[int]) -> None:
         self.ids = [self.ids[r] for r in rows]
@@ -175,7 +169,7 @@ def _emit(rows: _Rows, tokens: List[List[int]], n_acc: List[int], drafts: List[L
     step: BatchStep = {}
     alive = []
     for b, toks in enumerate(tokens):
-        out, reason = rows.take(b, toks)
+        out, reason = rows.budgets[b].take(toks)
         n = n_acc[b]
         step[rows.ids[b]] = Step(out, [True] * min(len(out), n) + [False] * max(0, len(out) - n),
                                  drafted=k, accepted=n, drafts=drafts[b], finish_reason=reason)
