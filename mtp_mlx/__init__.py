@@ -6,7 +6,15 @@
         print(r.text, end="", flush=True)
 """
 
-from .api import BatchResponse, BatchResult, GenerationResponse, batch_generate, format_prompt, generate, stream_generate
+from .api import (
+    BatchResponse,
+    BatchResult,
+    GenerationResponse,
+    batch_generate,
+    format_prompt,
+    generate,
+    stream_generate,
+)
 from .errors import MtpError
 from .loading import Pair, load
 from .sampling import SamplingConfig

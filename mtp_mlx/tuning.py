@@ -66,10 +66,10 @@ def _one_run(pair, prompts, k, max_tokens) -> Dict:
             count[r] += len(s.tokens)
             drafted += s.drafted
             accepted += s.accepted
-    t0 = min(first)
-    rows = [(c - 1) / (l - f) if l > f else 0.0 for c, f, l in zip(count, first, last)]
+    start = min(first)
+    rows = [(c - 1) / (t1 - t0) if t1 > t0 else 0.0 for c, t0, t1 in zip(count, first, last)]
     return {
-        "aggregate_tps": sum(c - 1 for c in count) / (max(last) - t0),
+        "aggregate_tps": sum(c - 1 for c in count) / (max(last) - start),
         "row_tps": statistics.median(rows),
         "acceptance": accepted / drafted if drafted else None,
         "tokens_per_forward": sum(c - 1 for c in count) / n / forwards if forwards else None,

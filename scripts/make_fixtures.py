@@ -35,7 +35,6 @@ A kind is skipped when ``<out>/<kind>/.complete`` exists with the kind's current
 from __future__ import annotations
 
 import argparse
-import copy
 import io
 import json
 import os

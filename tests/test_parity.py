@@ -3,10 +3,9 @@ target logits, final hidden and producer K/V for a prefill and a K+1 verify chun
 logits, hidden and projected hidden for contexts shorter than, equal to and longer than the
 sliding window; and, in reference-parity mode, the drafted tokens of every round."""
 
+import mlx.core as mx
 import numpy as np
 import pytest
-
-import mlx.core as mx
 
 from mtp_mlx.cache import KVView
 from mtp_mlx.loading.weights import load_drafter, load_target

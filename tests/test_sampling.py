@@ -113,7 +113,9 @@ def test_sampling_config_rejects_bad_values():
 
 def test_top_k_top_p_min_p_filters():
     logits = mx.array([[3.0, 2.0, 1.0, 0.0, -5.0]])
-    keep = lambda **kw: (~np.isinf(np.array(log_probs(logits, SamplingConfig(temperature=1.0, **kw))))).sum()
+    def keep(**kw):
+        return (~np.isinf(np.array(log_probs(logits, SamplingConfig(temperature=1.0, **kw))))).sum()
+
     assert keep(top_k=2) == 2
     # probabilities 0.644, 0.237, 0.087, ...: the smallest set reaching top_p
     assert keep(top_p=0.6) == 1 and keep(top_p=0.85) == 2 and keep(top_p=0.9) == 3 and keep() == 5
@@ -237,9 +239,11 @@ def _tokens(steps):
 def test_seeded_runs_are_reproducible_and_seeds_differ():
     target = tiny_target("e2b")
     drafter = tiny_drafter(target)
-    run = lambda seed: _tokens(speculative_generate_step(
-        target, drafter, [5, 6, 7], max_tokens=24, num_draft=3,
-        sampling=SamplingConfig(temperature=1.0, top_k=64, top_p=0.95, seed=seed)))
+    def run(seed):
+        return _tokens(speculative_generate_step(
+            target, drafter, [5, 6, 7], max_tokens=24, num_draft=3,
+            sampling=SamplingConfig(temperature=1.0, top_k=64, top_p=0.95, seed=seed)))
+
     assert run(1) == run(1)
     assert run(1) != run(2)
 

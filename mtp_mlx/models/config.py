@@ -5,7 +5,7 @@ read from the file; the few defaults here are HF's own, used only when a key is 
 """
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 from ..errors import MtpError
 

@@ -19,7 +19,6 @@ import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import Optional
 
 import mlx.core as mx

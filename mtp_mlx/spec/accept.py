@@ -45,7 +45,7 @@ def accept_sampled(
 
 def residual_draw(n: mx.array, q_logp: mx.array, p_logp: mx.array, key: mx.array) -> mx.array:
     """The token after n accepted drafts: from norm(max(p_n - q_{n+1}, 0)) if n < K, else p_K."""
-    B, K = q_logp.shape[0], q_logp.shape[1]
+    K = q_logp.shape[1]
     p_n = mx.exp(mx.take_along_axis(p_logp, n[:, None, None], axis=1)[:, 0])  # [B, V]
     if K:
         q_next = mx.exp(mx.take_along_axis(q_logp, mx.minimum(n, K - 1)[:, None, None], axis=1)[:, 0])
