@@ -64,3 +64,16 @@ def test_batch_api_order_and_limits(agree):
     assert all(len(r.tokens) == 10 for r in res.results)
     with pytest.raises(MtpError, match="1..8"):
         batch_generate(agree, [[1, 2]] * 9, max_tokens=4)
+
+
+@pytest.mark.parametrize("position", ["B", "A"])
+def test_long_greedy_generation_equals_plain_on_trained_like_pair(agree, position):
+    """>= 512 new tokens from a prompt longer than the window (the sliding caches wrap many
+    times), with a real drafter whose rounds are fully, partly and not at all accepted."""
+    t, d = agree.target, agree.drafter
+    prompt = _ids(45, 11)
+    plain = [x for s in generate_step(t, prompt, max_tokens=530) for x in s.tokens]
+    steps = list(speculative_generate_step(t, d, prompt, max_tokens=530, num_draft=3, position=position))
+    assert [x for s in steps for x in s.tokens] == plain and len(plain) == 530
+    acc = [s.accepted for s in steps[1:] if s.drafted == 3]
+    assert 0 in acc and 3 in acc and any(0 < a < 3 for a in acc)
