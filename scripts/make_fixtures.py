@@ -497,7 +497,7 @@ def finite_clip_buffers(model) -> None:
 
 def patch_kv_sharing_modes_for_build() -> None:
     """transformers 5.23 cannot even construct an all-KV-shared assistant (spec pitfall 11).
-    Same rule as tests/reference.py:patch_kv_sharing_modes (kept separate so the script is standalone)."""
+    The one copy of the rule: tests/reference.py:patch_kv_sharing_modes calls this."""
     import transformers as tf
 
     def kv_sharing_modes(self):

@@ -52,32 +52,22 @@ def _torch():
 # ----------------------------------------------------------------------------------------------
 
 
-def _kv_sharing_modes(self) -> list[str | None]:
-    """Layers ``i >= N - S`` reuse; the last layer of each type below ``N - S`` stores its K/V.
+def patch_kv_sharing_modes() -> None:
+    """Replace ``kv_sharing_modes`` on Gemma4TextConfig and Gemma4UnifiedTextConfig (idempotent):
+    layers ``i >= N - S`` reuse; the last layer of each type below ``N - S`` stores its K/V.
 
     transformers 5.23 raises for an all-shared assistant (``N - S == 0``) and marks no producer
-    at all for ``S == 0`` targets (so ``return_shared_kv_states`` returns an empty dict)."""
-    n = self.num_hidden_layers
-    first = n - (self.num_kv_shared_layers or 0)
-    modes: list[str | None] = [None if i < first else "reuse" for i in range(n)]
-    if first <= 0:  # all layers shared (assistant): they read the target's K/V
-        return modes
-    unshared = list(self.layer_types[:first])
-    if first < n and set(unshared) != set(self.layer_types):
-        raise ValueError("The set of layer types producing a cache is different than the set of layer types using them")
-    for layer_type in set(unshared):
-        modes[first - 1 - unshared[::-1].index(layer_type)] = "store"
-    return modes
+    at all for ``S == 0`` targets (so ``return_shared_kv_states`` returns an empty dict). The rule
+    lives in scripts/make_fixtures.py, which builds the checkpoints with it. Must run before any
+    model is constructed (the attention layers read it in ``__init__``)."""
+    _make_fixtures().patch_kv_sharing_modes_for_build()
 
 
-def patch_kv_sharing_modes() -> None:
-    """Replace ``kv_sharing_modes`` on Gemma4TextConfig and Gemma4UnifiedTextConfig (idempotent).
+@functools.lru_cache(maxsize=None)
+def _make_fixtures():
+    from tests.conftest import load_make_fixtures
 
-    Must run before any model is constructed (the attention layers read it in ``__init__``)."""
-    import transformers as tf
-
-    for cls in (tf.Gemma4TextConfig, tf.Gemma4UnifiedTextConfig):
-        cls.kv_sharing_modes = property(_kv_sharing_modes)
+    return load_make_fixtures()
 
 
 # ----------------------------------------------------------------------------------------------
