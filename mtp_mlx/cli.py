@@ -84,11 +84,9 @@ def _print_stats(r) -> None:
 
 def _demo_paths():
     """The bundled demonstration pair, if this install has one."""
-    try:
-        from .demo import DEMO_DRAFTER, DEMO_TARGET
-    except ImportError:
-        return None
-    return (DEMO_TARGET, DEMO_DRAFTER) if DEMO_TARGET.is_dir() else None
+    from . import demo
+
+    return (demo.DEMO_TARGET, demo.DEMO_DRAFTER) if demo.available() else None
 
 
 @app.command()
@@ -150,8 +148,9 @@ def generate(
         if demo is None:
             raise MtpError("no --model given and this install has no bundled demo pair: pass --model and --drafter")
         model, drafter = str(demo[0]), (None if no_drafter else str(demo[1]))
-        typer.echo("mtp-mlx: no --model given: using the bundled demonstration pair (a tiny "
-                   "Gemma-4-architecture model trained on Python's standard library, not Gemma)", err=True)
+        from .demo import DEMO_NOTICE
+
+        typer.echo(f"mtp-mlx: {DEMO_NOTICE}", err=True)
     pair = load(model, None if no_drafter else drafter, dtype=dtype.value if dtype else None)
     k = num_draft_tokens
     if k is None and pair.drafter is not None:
