@@ -11,7 +11,7 @@ Not here: the round itself (``mtp_mlx.spec.draft``), which picks query positions
 """
 
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -26,10 +26,12 @@ from .layers import MLP, RMSNorm, apply_rope, rope_inv_freq, rope_periods
 @dataclass
 class DraftMask:
     """How one layer type's query sees the shared K/V: key visible iff
-    ``0 <= pos <= q`` and ``q - pos < window`` (window 0 = unlimited). q: [B, 1] int32."""
+    ``0 <= pos <= q`` and ``q - pos < window`` (window 0 = unlimited). q: [B, 1] int32.
+    ``dense``: that rule evaluated on the K/V's positions, when a round shares it across steps."""
 
     q: mx.array
     window: int
+    dense: Optional[mx.array] = None
 
 
 class Attention(nn.Module):
@@ -139,7 +141,10 @@ class Model(nn.Module):
         """
         x = self.pre_projection(mx.concatenate([emb, hidden], axis=-1))
         offsets = q_pos[:, 0]
-        dense = {t: visibility_mask(m.q, kv[t].pos, m.window) for t, m in masks.items() if t in kv}
+        dense = {
+            t: m.dense if m.dense is not None else visibility_mask(m.q, kv[t].pos, m.window)
+            for t, m in masks.items() if t in kv
+        }
         for layer in self.model.layers:
             t = layer.layer_type
             x = layer(x, offsets, self._periods[t], kv[t], masks[t], dense[t], use_kernel)

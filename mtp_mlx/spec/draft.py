@@ -16,17 +16,24 @@ import mlx.core as mx
 
 from ..cache import KVView, TargetCache
 from ..models.gemma4_assistant import DraftMask
+from ..ops.verify_attention import visibility_mask
 
 POSITIONS = ("A", "B", "hf")
 
 
 @dataclass
 class DraftContext:
-    """What a round's K steps share: K/V views, RoPE position [B, 1] and masks per type."""
+    """What a round's K steps share: K/V views, RoPE position [B, 1] and masks per type
+    (evaluated once per round)."""
 
     kv: Dict[str, KVView]
     q_pos: mx.array
     masks: Dict[str, DraftMask]
+
+    def __post_init__(self):
+        for t, m in self.masks.items():
+            if t in self.kv and m.dense is None:
+                m.dense = visibility_mask(m.q, self.kv[t].pos, m.window)
 
 
 def draft_context(cache: TargetCache, window: int, position: str = "B") -> DraftContext:
