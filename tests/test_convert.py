@@ -225,3 +225,22 @@ def test_sharded_output(fx, tmp_path, monkeypatch):
     assert mx.array_equal(_logits(ours), _logits(load(str(fx / "moe" / "target"), dtype="float32"))).item()
     model, _ = mlx_lm.load(str(out))
     assert mx.allclose(model(mx.array([ours.tokenizer.encode(PROMPT)])), _logits(ours), atol=1e-4).item()
+
+
+def test_8bit_target_matches_mlx_lm_and_runs_speculatively(fx, tmp_path):
+    out = tmp_path / "q8"
+    convert(str(fx / "e2b" / "target"), str(out), drafter=str(fx / "e2b" / "assistant"), dtype="float32",
+            q_bits=8, q_group_size=64, drafter_q_bits=4, drafter_q_group_size=32, progress=False)
+    pair = load(str(out), str(out / "assistant"))
+    assert pair.target.layers[0].self_attn.q_proj.bits == 8
+    # The centroid head gathers rows of a quantized embedding (dequantizing, spec pitfall 7).
+    assert isinstance(pair.drafter.model.embed_tokens, nn.QuantizedEmbedding)
+    model, _ = mlx_lm.load(str(out))
+    ids = mx.array([pair.tokenizer.encode(PROMPT)])
+    assert mx.allclose(model(ids), _logits(pair), atol=1e-4).item()
+    from mtp_mlx.spec.loop import generate_step, speculative_generate_step
+
+    prompt = pair.tokenizer.encode(PROMPT)
+    plain = [t for s in generate_step(pair.target, prompt, max_tokens=40) for t in s.tokens]
+    spec = [t for s in speculative_generate_step(pair.target, pair.drafter, prompt, max_tokens=40) for t in s.tokens]
+    assert spec == plain
