@@ -11,6 +11,12 @@ from mtp_mlx.cli import app
 runner = CliRunner()
 
 
+@pytest.fixture(autouse=True)
+def _no_stored_tuning(tmp_path, monkeypatch):
+    """Keep a tuning file on this machine from changing the default K under test."""
+    monkeypatch.setenv("MTP_MLX_HOME", str(tmp_path / "mtp-home"))
+
+
 @pytest.fixture(scope="module")
 def pair_args(fixtures):
     return ["--model", str(fixtures / "agree" / "target"), "--drafter", str(fixtures / "agree" / "assistant")]
@@ -85,8 +91,7 @@ def test_too_long_prompt_one_line(pair_args, fixtures):
     assert r.exit_code == 1 and "exceeds the model's" in r.stderr
 
 
-def test_tune_writes_reports_and_generate_uses_the_recommendation(pair_args, tmp_path, monkeypatch):
-    monkeypatch.setenv("MTP_MLX_HOME", str(tmp_path / "home"))
+def test_tune_writes_reports_and_generate_uses_the_recommendation(pair_args, tmp_path):
     out = tmp_path / "tune"
     r = _run(["tune", *pair_args, "-m", "6", "--runs", "1", "--warmup", "0", "--batch-size", "1",
               "--batch-size", "2", "--num-draft", "0", "--num-draft", "2", "--out", str(out)])
