@@ -154,7 +154,10 @@ def _start(target, prompts, max_tokens, eos_ids, sampling, processors, num_draft
     """Shared start of both loops: checks, per-row state, prefill, first tokens."""
     max_tokens = [max_tokens] * len(prompts) if isinstance(max_tokens, int) else list(max_tokens)
     _check(prompts, max_tokens, num_draft, target.cfg.max_position_embeddings)
-    cache, logits, hidden, order = _prefill(target, prompts, max(num_draft, 1))
+    # Rings always get MAX_DRAFT slots of slack, whatever K: then every position lands in the
+    # same slot in plain and speculative runs, attention sums the same keys in the same order,
+    # and half-precision results stay bitwise equal (else near-tied logits can flip).
+    cache, logits, hidden, order = _prefill(target, prompts, MAX_DRAFT)
     rows = _Rows([prompts[i][:-1] for i in order], [max_tokens[i] for i in order], eos_ids, sampling, processors)
     rows.ids = order
     last = mx.array([[prompts[i][-1]] for i in order], dtype=mx.int32)
