@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 FIXTURES ?= fixtures
 PROMPT ?= def fibonacci(n):
 
-.PHONY: setup test fixtures demo bench tune lint check-kernels clean
+.PHONY: setup test fixtures demo demo-pair bench tune lint check-kernels clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -19,10 +19,13 @@ setup: $(BIN)/python
 fixtures:
 	$(BIN)/python scripts/make_fixtures.py --out $(FIXTURES)
 
-# The main job on the small checkpoint pair that `make fixtures` builds.
-demo: fixtures
-	$(BIN)/mtp-mlx generate --model $(FIXTURES)/agree/target --drafter $(FIXTURES)/agree/assistant \
-		--prompt "$(PROMPT)" --max-tokens 64 --raw
+# The main job, offline, on the bundled demonstration pair (mtp_mlx/demo).
+demo:
+	$(BIN)/mtp-mlx generate --prompt "$(PROMPT)" --max-tokens 128
+
+# Retrain the bundled pair from scratch (about 55 minutes on 2 CPU cores; fixed seed).
+demo-pair:
+	$(BIN)/python scripts/train_demo_pair.py
 
 # Everything CI runs: the test suite (fixtures are built on first use), then the kernel checker.
 test:
@@ -32,12 +35,12 @@ test:
 check-kernels:
 	$(BIN)/python kernels/check_kernels.py
 
-tune: fixtures
+tune:
 	$(BIN)/pip install -q matplotlib
-	$(BIN)/mtp-mlx tune --model $(FIXTURES)/agree/target --drafter $(FIXTURES)/agree/assistant --out tuning
+	$(BIN)/mtp-mlx tune --out tuning
 
-bench: fixtures
-	$(BIN)/python scripts/bench.py --model $(FIXTURES)/agree/target --drafter $(FIXTURES)/agree/assistant
+bench:
+	$(BIN)/python scripts/bench.py --model mtp_mlx/demo/target --drafter mtp_mlx/demo/assistant
 
 lint:
 	$(BIN)/pip install -q ruff

@@ -77,6 +77,8 @@ def _print_stats(r) -> None:
     if r.drafted:
         err(f"Acceptance: {100 * r.acceptance_rate:.1f}% ({r.accepted}/{r.drafted} drafted tokens), "
             f"{r.tokens_per_forward:.2f} tokens per target forward")
+    elif r.target_forwards == 0:
+        err(f"Stopped after the prefill ({r.finish_reason or 'done'}): no decode steps")
     else:
         err(f"Drafting: off, {r.tokens_per_forward:.2f} tokens per target forward")
     err(f"Peak memory: {r.peak_memory:.3f} GB")
