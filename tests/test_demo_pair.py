@@ -1,0 +1,114 @@
+"""The bundled demonstration pair (mtp_mlx/demo/, built by scripts/train_demo_pair.py).
+
+Checks what the package promises about it: it loads from the installed package with our
+loader, greedy speculative decoding reproduces plain greedy decoding for 256+ tokens on a
+held-out prompt (past the 64-token sliding window), the drafter is actually useful (acceptance
+at K = 3 above a floor measured when it was trained), and the text looks like Python.
+MLX only: no torch, no network.
+"""
+
+import json
+
+import pytest
+
+from mtp_mlx.demo import DEMO_DRAFTER, DEMO_TARGET, DEMO_TRAINING, available
+
+pytestmark = pytest.mark.skipif(not available(), reason="bundled demo pair not built (make demo-pair)")
+
+EOS_IDS = (1, 106)
+# Greedy acceptance at K = 3 over the prompts below; TRAINING.json records the value measured at
+# training time on 16 held-out prompts. The floor leaves room for float noise and fewer prompts.
+ACCEPTANCE_FLOOR_K3 = 0.4
+PYTHON_WORDS = ("def ", "return", "self", "if ", "for ", " in ", "import", "None", "(", ":\n")
+
+
+@pytest.fixture(scope="module")
+def pair():
+    import mtp_mlx
+
+    return mtp_mlx.load(str(DEMO_TARGET), str(DEMO_DRAFTER))
+
+
+@pytest.fixture(scope="module")
+def training():
+    return json.loads(DEMO_TRAINING.read_text())
+
+
+def _prompt_ids(pair, p):
+    from mtp_mlx import format_prompt
+
+    if p["kind"] == "chat":
+        return format_prompt(pair.tokenizer, p["prompt"])
+    return list(pair.tokenizer.encode(p["prompt"]))
+
+
+def _run(pair, ids, k, max_tokens, eos=EOS_IDS):
+    from mtp_mlx.spec.loop import generate_step, speculative_generate_step
+
+    if k == 0:
+        return list(generate_step(pair.target, ids, max_tokens=max_tokens, eos_ids=eos))
+    return list(speculative_generate_step(pair.target, pair.drafter, ids, max_tokens=max_tokens,
+                                          num_draft=k, eos_ids=eos))
+
+
+def test_loads_from_the_package(pair):
+    assert DEMO_TARGET.parent.name == "demo" and DEMO_TARGET.parent.parent.name == "mtp_mlx"
+    t, d = pair.target_config, pair.drafter_config
+    assert t.text.vocab_size == 4096 and d.use_ordered_embeddings
+    # the E2B features the drafter depends on
+    assert set(t.text.layer_types) == {"sliding_attention", "full_attention"}
+    assert t.text.layer_types[-1] == "full_attention"
+    assert t.text.num_kv_shared_layers > 0 and t.text.hidden_size_per_layer_input > 0
+    assert d.backbone_hidden_size == t.text.hidden_size
+    assert pair.tokenizer.encode("<|turn>")[-1] == 105
+    size = sum(f.stat().st_size for f in DEMO_TARGET.parent.rglob("*") if f.is_file())
+    assert size < 20e6, f"bundled pair is {size / 1e6:.1f} MB"
+
+
+def test_speculative_equals_plain_greedy_past_the_window(pair, training):
+    prompt = next(p for p in training["evaluation"]["prompts"] if p["kind"] == "raw")
+    ids = _prompt_ids(pair, prompt)
+    window = pair.target.cfg.sliding_window
+    n = 256
+    assert len(ids) + n > 3 * window
+    plain = [t for s in _run(pair, ids, 0, n, eos=()) for t in s.tokens]
+    assert len(plain) == n
+    for k in (3, 6):
+        steps = _run(pair, ids, k, n, eos=())
+        spec = [t for s in steps for t in s.tokens]
+        assert spec == plain, f"K={k}: first difference at {next(i for i, (a, b) in enumerate(zip(spec, plain)) if a != b)}"
+        assert sum(s.accepted for s in steps) > 0
+
+
+def test_acceptance_floor_at_k3(pair, training):
+    prompts = training["evaluation"]["prompts"]
+    chosen = [p for p in prompts if p["kind"] == "raw"][:3] + [p for p in prompts if p["kind"] == "chat"][:3]
+    drafted = accepted = 0
+    for p in chosen:
+        steps = _run(pair, _prompt_ids(pair, p), 3, 160)
+        drafted += sum(s.drafted for s in steps)
+        accepted += sum(s.accepted for s in steps)
+    assert drafted > 0
+    rate = accepted / drafted
+    assert rate >= ACCEPTANCE_FLOOR_K3, f"acceptance {rate:.3f} at K=3 (training time: " \
+        f"{training['evaluation']['ours']['per_k']['3']['acceptance']})"
+
+
+@pytest.mark.xfail(strict=True, reason="the 25-minute target writes docstring-shaped but repetitive text "
+                   "(3 of the 4 required Python markers); issue 5 stays open until a retrain passes this")
+def test_writes_python(pair):
+    import mtp_mlx
+
+    ids = mtp_mlx.format_prompt(pair.tokenizer, "def fibonacci(n):")
+    text = mtp_mlx.generate(pair, ids, max_tokens=96, num_draft_tokens=3)
+    assert text.strip(), "no text"
+    found = [w for w in PYTHON_WORDS if w in text]
+    assert len(found) >= 4, (found, text)
+
+
+def test_training_record(training):
+    ev = training["evaluation"]
+    assert set(ev["ours"]["per_k"]) == {str(k) for k in range(1, 7)}
+    assert all(v["identical_to_plain_greedy"] for v in ev["ours"]["per_k"].values())
+    assert training["target"]["heldout_loss"] < 4.0
+    assert training["training_forward_vs_runtime"]["same_drafts"]
