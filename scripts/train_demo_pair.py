@@ -479,7 +479,7 @@ def autocast():
 # ----------------------------------------------------------------------------------------------
 
 
-def lm_loss(model, x) -> "torch.Tensor":
+def lm_loss(model, x):
     import torch.nn.functional as Fn
 
     with autocast():
