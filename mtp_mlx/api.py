@@ -223,8 +223,9 @@ def batch_generate(
 ) -> BatchResponse:
     """Generate for 1..8 prompts at once (results in input order).
 
-    Each row keeps its own acceptance, EOS and budget and leaves the batch when done; with
-    greedy decoding every row's output equals generating that prompt alone.
+    Each row keeps its own acceptance, EOS, budget and stop strings and leaves the batch when
+    done (a stop string ends its row at the step that completes it); with greedy decoding
+    every row's output equals generating that prompt alone.
     """
     if not 1 <= len(prompts) <= MAX_BATCH:
         raise MtpError(f"batch of {len(prompts)} prompts is out of range: pass 1..{MAX_BATCH} prompts")
@@ -239,7 +240,15 @@ def batch_generate(
     mx.reset_peak_memory()
     tic = time.perf_counter()
     t_first = None
-    for i, step in enumerate(steps):
+    stop = [x for x in stop if x]
+    ended: set = set()  # rows a stop string ended: sent back so they leave the batch at once
+    i = 0
+    while True:
+        try:
+            step = steps.send(ended or None)
+        except StopIteration:
+            break
+        ended = set()
         now = time.perf_counter()
         t_first = t_first or now
         for r, s in step.items():
@@ -251,6 +260,11 @@ def batch_generate(
             finish[r] = s.finish_reason or finish[r]
             first[r] = first[r] or now
             last[r] = now
+            # The row's whole text, decoded again each step: exact for stop strings that span
+            # tokens and rounds and for multi-byte characters; rows are at most a few K tokens.
+            if stop and s.finish_reason is None and any(x in pair.tokenizer.decode(toks[r]) for x in stop):
+                ended.add(r)
+        i += 1
     results = []
     for r in range(n):
         text, hit = _StopFilter(stop).feed(pair.tokenizer.decode(toks[r]), final=True)

@@ -66,6 +66,26 @@ def test_batch_api_order_and_limits(agree):
         batch_generate(agree, [[1, 2]] * 9, max_tokens=4)
 
 
+@pytest.mark.parametrize("use_drafter", [True, False])
+def test_batch_stop_string_ends_its_row_early(agree, use_drafter):
+    # Row 0 hits a stop string (taken from its own full output) early: it leaves the batch at
+    # the step that completes it instead of running to its budget; row 1 is unaffected.
+    prompts, m = [_ids(12, 11), _ids(25, 12)], 60
+    full = batch_generate(agree, prompts, max_tokens=m, num_draft_tokens=3, use_drafter=use_drafter).results
+    tok = agree.tokenizer
+    text0 = full[0].text
+    n_before = 10
+    stop = text0[len(tok.decode(full[0].tokens[:n_before])):][:4]
+    assert len(stop) == 4 and stop not in tok.decode(full[1].tokens)
+    res = batch_generate(agree, prompts, max_tokens=m, num_draft_tokens=3, use_drafter=use_drafter,
+                         stop=[stop]).results
+    assert res[0].finish_reason == "stop" and res[0].text == text0[: text0.index(stop)]
+    # it stopped within one step (at most K + 1 tokens) of completing the stop string
+    done = next(i for i in range(1, m + 1) if stop in tok.decode(full[0].tokens[:i]))
+    assert done <= len(res[0].tokens) <= done + 3 and res[0].tokens == full[0].tokens[: len(res[0].tokens)]
+    assert res[1].tokens == full[1].tokens and res[1].finish_reason == "length"
+
+
 @pytest.mark.parametrize("position", ["B", "A"])
 def test_long_greedy_generation_equals_plain_on_trained_like_pair(agree, position):
     """>= 512 new tokens from a prompt longer than the window (the sliding caches wrap many

@@ -1,6 +1,8 @@
 """Generation loops: plain and speculative decoding, greedy or sampled, for 1..B rows.
 
-Each loop yields one ``BatchStep`` per target forward. The only host synchronisations are
+Each loop yields one ``BatchStep`` per target forward. The consumer may ``send`` a set of
+prompt indices back (instead of ``next``) to end those rows early, e.g. on a stop string:
+they leave the batch before the next forward. The only host synchronisations are
 here, one per step (marked ``# sync``). Every row keeps its own accepted count, EOS and
 token budget (ragged rollback, never clamped to the batch minimum) and leaves the batch
 when done. Rollback uses the cache's ``trim``, which raises rather than trim less than
@@ -197,7 +199,7 @@ def generate_batch(
             mx.async_eval(nxt)
         ts = tok.tolist()  # sync
         step, alive = _emit(rows, [[t] for t in ts], [0] * len(ts), [[] for _ in ts], 0)
-        yield step
+        alive = _unstopped(rows, alive, (yield step))
         if not alive:
             return
         if nxt is None:
@@ -240,7 +242,7 @@ def speculative_generate_batch(
     cache, rows, first, hidden = _start(target, prompts, max_tokens, eos_ids, sampling, processors, num_draft)
     ts = first.tolist()  # sync
     step, alive = _emit(rows, [[t] for t in ts], [0] * len(ts), [[] for _ in ts], 0)
-    yield step
+    alive = _unstopped(rows, alive, (yield step))
     bonus = first[:, None]
     if len(alive) < len(ts):
         if not alive:
@@ -278,13 +280,18 @@ def speculative_generate_batch(
         bonus, ts = nxt[:, None], nexts
         tokens = [proposed[b][: n_acc[b]] + [nexts[b]] for b in range(B)]
         step, alive = _emit(rows, tokens, n_acc, proposed, k)
-        yield step
+        alive = _unstopped(rows, alive, (yield step))
         if not alive:
             return
         if len(alive) < B:
             _keep(rows, cache, alive)
             sel = mx.array(alive)
             bonus, hidden, ts = bonus[sel], hidden[sel], [ts[b] for b in alive]
+
+
+def _unstopped(rows: _Rows, alive: List[int], stopped) -> List[int]:
+    """The running rows minus those the consumer sent back as ended (prompt indices)."""
+    return [b for b in alive if rows.ids[b] not in stopped] if stopped else alive
 
 
 def _keep(rows: _Rows, cache: TargetCache, alive: List[int]) -> None:
