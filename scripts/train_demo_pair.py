@@ -14,7 +14,8 @@ files (code, comments, docstrings). Stages, all under ``--out`` (default ``build
                sliding + full layers (4:1, last full), a 64-token sliding window, KV-shared layers
                of both types, per-layer embeddings, double-wide MLP on shared layers. Trained with
                torch (bf16 autocast) on raw files and on chat-formatted "write this function"
-               examples, with early stopping on held-out loss, inside a wall-clock budget.
+               examples (answers: the function's code without its docstring), for a fixed
+               number of steps with early stopping on held-out loss.
 4. drafter     ``gemma4_assistant`` (4 layers s,s,s,f, centroid head), distilled from the frozen
                target exactly the way it is used at inference (convention B, ``mtp_mlx.spec.draft``):
                every step of a round queries the single position P_b - 1 against the target's own
@@ -32,10 +33,10 @@ files (code, comments, docstrings). Stages, all under ``--out`` (default ``build
                (transformers' assisted generation) on the same prompts; all written to
                ``mtp_mlx/demo/TRAINING.json``.
 
-Usage: ``python scripts/train_demo_pair.py [--out build/demo] [--seed 0] [--target-minutes 25]
-[--drafter-minutes 10]``; ``--smoke`` runs every stage in about two minutes (into
-``build/demo-smoke`` and ``build/demo-smoke/mlx``, never the package). ``make demo-pair`` runs
-the full recipe.
+Usage: ``python scripts/train_demo_pair.py [--out build/demo] [--seed 0] [--target-steps 820]
+[--drafter-steps 160]``: about 30 + 12 minutes of training on 2 shared CPU cores, about an hour
+with the evaluation. ``make demo-pair`` runs it. ``--smoke`` runs every stage in a few minutes
+(into ``build/demo-smoke`` and ``build/demo-smoke/mlx``, never the package).
 """
 
 from __future__ import annotations
@@ -144,8 +145,12 @@ def read_corpus() -> dict:
 
 
 def functions(text: str) -> list[tuple[str, str, str]]:
-    """(signature line(s), first docstring line or "", dedented source) of every function in a
-    file whose source has 3..40 lines."""
+    """(signature line(s), first docstring line or "", dedented source without its docstring) of
+    every function in a file whose source has 3..40 lines and whose body is more than a docstring.
+
+    The answers of the chat examples are code only: with the docstrings kept, a model this small
+    answers "write this function" with a docstring and then repeats one phrase in it under greedy
+    decoding (measured on the first bundled pair); without them it answers with code."""
     try:
         tree = ast.parse(text)
     except (SyntaxError, ValueError):
@@ -158,14 +163,20 @@ def functions(text: str) -> list[tuple[str, str, str]]:
         start, end = node.lineno - 1, node.end_lineno
         if not 3 <= end - start <= 40:
             continue
-        src = textwrap.dedent("\n".join(lines[start:end]))
         body0 = node.body[0].lineno - 1
+        doc = ast.get_docstring(node) or ""
+        keep = range(start, end)
+        if doc:
+            if len(node.body) == 1:
+                continue
+            d0, d1 = body0, node.body[0].end_lineno
+            keep = [i for i in keep if not d0 <= i < d1]
+        src = textwrap.dedent("\n".join(lines[i] for i in keep))
         sig = textwrap.dedent("\n".join(lines[start:body0])).strip()
         if not sig.endswith(":") or len(sig) > 200:
             sig = src.splitlines()[0].strip()
             if not sig.endswith(":"):
                 continue
-        doc = ast.get_docstring(node) or ""
         doc = doc.strip().splitlines()[0].strip() if doc.strip() else ""
         out.append((sig, doc, src))
     return out
@@ -443,10 +454,13 @@ def mixed_batch(data: dict, batch: int, rng, length: int = SEQ_LEN + 1):
 
 
 class Budget:
-    """Wall-clock (or fixed-step) training budget; ``frac`` drives the LR schedule."""
+    """A fixed number of optimizer steps (reproducible: the LR schedule follows the step count),
+    with a wall-clock cap as a safety stop on slow machines; steps 0 = time budget only, the
+    schedule then follows elapsed time."""
 
-    def __init__(self, minutes: float, steps: int | None):
+    def __init__(self, minutes: float, steps: int):
         self.seconds, self.steps, self.t0, self.step = minutes * 60.0, steps, time.time(), 0
+        self.capped = False
 
     @property
     def elapsed(self) -> float:
@@ -459,7 +473,17 @@ class Budget:
         return min(1.0, self.elapsed / self.seconds)
 
     def done(self) -> bool:
-        return self.step >= self.steps if self.steps else self.elapsed >= self.seconds
+        if self.elapsed >= self.seconds:
+            self.capped = bool(self.steps) and self.step < self.steps
+            return True
+        return bool(self.steps) and self.step >= self.steps
+
+    def why(self, early: bool) -> str:
+        if early:
+            return "early stop: held-out loss stopped improving"
+        if self.capped:
+            return f"wall-clock cap ({self.seconds / 60:g} min) before {self.steps} steps"
+        return f"step budget ({self.steps} steps)" if self.steps else f"time budget ({self.seconds / 60:g} min)"
 
 
 def lr_at(budget: Budget, peak: float, warmup: int) -> float:
@@ -533,8 +557,7 @@ def train_target(args, train: dict, heldout: dict, log_rows: list):
     budget = Budget(args.target_minutes, args.target_steps)
     best, best_state, bad, evals = float("inf"), None, 0, 0
     tokens, t_log, recent = 0, time.time(), []
-    log(f"target: {n_params(model) / 1e6:.2f} M parameters; budget {args.target_minutes} min"
-        + (f" / {args.target_steps} steps" if args.target_steps else ""))
+    log(f"target: {n_params(model) / 1e6:.2f} M parameters; {args.target_steps} steps, cap {args.target_minutes} min")
     while True:
         last = budget.done()
         if budget.step % args.eval_every == 0 or last:
@@ -577,8 +600,7 @@ def train_target(args, train: dict, heldout: dict, log_rows: list):
     info = dict(params=n_params(model), steps=budget.step, tokens=tokens, minutes=round(budget.elapsed / 60, 2),
                 best_step=best_row["step"], heldout_loss=best_row["heldout_loss"],
                 heldout_loss_raw=best_row["heldout_raw"], heldout_loss_chat=best_row["heldout_chat"],
-                stopped="early (held-out loss stopped improving)" if bad >= args.patience else "budget",
-                batch=args.target_batch, seq_len=SEQ_LEN, peak_lr=args.target_lr, evaluations=evals)
+                stopped=budget.why(bad >= args.patience), batch=args.target_batch, seq_len=SEQ_LEN, peak_lr=args.target_lr, evaluations=evals)
     return model, info
 
 
@@ -806,8 +828,8 @@ def train_drafter(args, target, train: dict, heldout: dict, tok, log_rows: list)
     steps = args.draft_steps
     budget = Budget(args.drafter_minutes, args.drafter_steps)
     best, best_state, bad, tokens, recent, t_log = float("inf"), None, 0, 0, [], time.time()
-    log(f"drafter: {n_params(drafter) / 1e6:.2f} M parameters; {steps} steps per round; budget "
-        f"{args.drafter_minutes} min" + (f" / {args.drafter_steps} steps" if args.drafter_steps else ""))
+    log(f"drafter: {n_params(drafter) / 1e6:.2f} M parameters; {steps} draft steps per round; "
+        f"{args.drafter_steps} optimizer steps, cap {args.drafter_minutes} min")
     while True:
         last = budget.done()
         if budget.step % args.eval_every == 0 or last:
@@ -866,8 +888,7 @@ def train_drafter(args, target, train: dict, heldout: dict, tok, log_rows: list)
                 best_step=best_row["step"], heldout_loss=best_row["heldout_loss"],
                 heldout_top1_agreement=best_row["heldout_top1_agreement"],
                 heldout_top1_agreement_masked_head=best_row["heldout_top1_agreement_masked_head"],
-                stopped="early (held-out loss stopped improving)" if bad >= args.patience else "budget",
-                draft_steps=steps, batch=args.drafter_batch, peak_lr=args.drafter_lr,
+                stopped=budget.why(bad >= args.patience), draft_steps=steps, batch=args.drafter_batch, peak_lr=args.drafter_lr,
                 token_clusters="balanced k-means (cosine) over the target's tied embedding rows")
     return drafter, info
 
@@ -1032,12 +1053,14 @@ def parse_args(argv):
     # One thread: on a CPU shared with other work, two OpenMP threads wait on each other and
     # run several times slower than one (measured: 6x on this project's 2-core machine).
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    ap.add_argument("--target-minutes", type=float, default=25.0, help="target wall-clock budget")
-    ap.add_argument("--target-steps", type=int, default=None, help="fixed step count instead of the time budget")
+    # Step budgets (about 30 and 10 minutes on this project's shared 2-core CPU) keep a run
+    # reproducible: same seed + same steps = same weights. The minutes only cap slow machines.
+    ap.add_argument("--target-steps", type=int, default=1200, help="target optimizer steps (0: time budget only)")
+    ap.add_argument("--target-minutes", type=float, default=50.0, help="target wall-clock cap")
     ap.add_argument("--target-batch", type=int, default=16)
     ap.add_argument("--target-lr", type=float, default=3e-3)
-    ap.add_argument("--drafter-minutes", type=float, default=10.0, help="drafter wall-clock budget")
-    ap.add_argument("--drafter-steps", type=int, default=None, help="fixed step count instead of the time budget")
+    ap.add_argument("--drafter-steps", type=int, default=160, help="drafter optimizer steps (0: time budget only)")
+    ap.add_argument("--drafter-minutes", type=float, default=20.0, help="drafter wall-clock cap")
     ap.add_argument("--drafter-batch", type=int, default=16)
     ap.add_argument("--drafter-lr", type=float, default=3e-3)
     ap.add_argument("--draft-steps", type=int, default=4, help="draft steps per round covered by the loss")
@@ -1055,8 +1078,8 @@ def parse_args(argv):
     ap.add_argument("--smoke", action="store_true", help="every stage in about two minutes, outside the package")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.target_minutes = min(args.target_minutes, 1.0)
-        args.drafter_minutes = min(args.drafter_minutes, 0.5)
+        args.target_steps, args.target_minutes = min(args.target_steps, 30), min(args.target_minutes, 1.0)
+        args.drafter_steps, args.drafter_minutes = min(args.drafter_steps, 8), min(args.drafter_minutes, 0.5)
         args.gen_sequences = min(args.gen_sequences, 16)
         args.eval_every = min(args.eval_every, 10)
         args.eval_prompts = min(args.eval_prompts, 4)
