@@ -23,7 +23,7 @@ fixtures:
 demo:
 	$(BIN)/mtp-mlx generate --prompt "$(PROMPT)" --max-tokens 128
 
-# Retrain the bundled pair from scratch (about 55 minutes on 2 CPU cores; fixed seed).
+# Retrain the bundled pair from scratch (about 70 minutes on 2 CPU cores; fixed seed and steps).
 demo-pair:
 	$(BIN)/python scripts/train_demo_pair.py
 

@@ -33,8 +33,8 @@ files (code, comments, docstrings). Stages, all under ``--out`` (default ``build
                (transformers' assisted generation) on the same prompts; all written to
                ``mtp_mlx/demo/TRAINING.json``.
 
-Usage: ``python scripts/train_demo_pair.py [--out build/demo] [--seed 0] [--target-steps 820]
-[--drafter-steps 160]``: about 30 + 12 minutes of training on 2 shared CPU cores, about an hour
+Usage: ``python scripts/train_demo_pair.py [--out build/demo] [--seed 0] [--target-steps 1200]
+[--drafter-steps 320]``: about 30 + 18 minutes of training on 2 shared CPU cores, about an hour
 with the evaluation. ``make demo-pair`` runs it. ``--smoke`` runs every stage in a few minutes
 (into ``build/demo-smoke`` and ``build/demo-smoke/mlx``, never the package).
 """
@@ -1053,23 +1053,23 @@ def parse_args(argv):
     # One thread: on a CPU shared with other work, two OpenMP threads wait on each other and
     # run several times slower than one (measured: 6x on this project's 2-core machine).
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    # Step budgets (about 30 and 10 minutes on this project's shared 2-core CPU) keep a run
+    # Step budgets (about 30 and 15 minutes on this project's shared 2-core CPU) keep a run
     # reproducible: same seed + same steps = same weights. The minutes only cap slow machines.
     ap.add_argument("--target-steps", type=int, default=1200, help="target optimizer steps (0: time budget only)")
     ap.add_argument("--target-minutes", type=float, default=50.0, help="target wall-clock cap")
     ap.add_argument("--target-batch", type=int, default=16)
     ap.add_argument("--target-lr", type=float, default=3e-3)
-    ap.add_argument("--drafter-steps", type=int, default=160, help="drafter optimizer steps (0: time budget only)")
-    ap.add_argument("--drafter-minutes", type=float, default=20.0, help="drafter wall-clock cap")
+    ap.add_argument("--drafter-steps", type=int, default=320, help="drafter optimizer steps (0: time budget only)")
+    ap.add_argument("--drafter-minutes", type=float, default=35.0, help="drafter wall-clock cap")
     ap.add_argument("--drafter-batch", type=int, default=16)
     ap.add_argument("--drafter-lr", type=float, default=3e-3)
     ap.add_argument("--draft-steps", type=int, default=4, help="draft steps per round covered by the loss")
     ap.add_argument("--generated-fraction", type=float, default=0.75,
                     help="share of each drafter batch taken from the target's own greedy continuations")
-    ap.add_argument("--gen-sequences", type=int, default=1024, help="target greedy continuations for the drafter")
+    ap.add_argument("--gen-sequences", type=int, default=2048, help="target greedy continuations for the drafter")
     ap.add_argument("--eval-every", type=int, default=40, help="steps between held-out evaluations")
     ap.add_argument("--patience", type=int, default=4, help="evaluations without improvement before stopping")
-    ap.add_argument("--eval-prompts", type=int, default=16, help="held-out prompts (half raw, half chat)")
+    ap.add_argument("--eval-prompts", type=int, default=32, help="held-out prompts (half raw, half chat)")
     ap.add_argument("--eval-max-tokens", type=int, default=256)
     ap.add_argument("--reuse-target", action="store_true", help="keep OUT/target (and its tokenizer) if present")
     ap.add_argument("--eval-ks", default="1,2,3,4,5,6", help="draft lengths K to evaluate")

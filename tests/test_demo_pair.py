@@ -3,7 +3,7 @@
 Checks what the package promises about it: it loads from the installed package with our
 loader, greedy speculative decoding reproduces plain greedy decoding for 256+ tokens on a
 held-out prompt (past the 64-token sliding window), the drafter is actually useful (acceptance
-at K = 3 above a floor measured when it was trained), and the text looks like Python.
+at K = 3 above a floor measured when it was trained), and the text is Python.
 MLX only: no torch, no network.
 """
 
@@ -16,8 +16,9 @@ from mtp_mlx.demo import DEMO_DRAFTER, DEMO_TARGET, DEMO_TRAINING, available
 pytestmark = pytest.mark.skipif(not available(), reason="bundled demo pair not built (make demo-pair)")
 
 EOS_IDS = (1, 106)
-# Greedy acceptance at K = 3 over the prompts below; TRAINING.json records the value measured at
-# training time on 16 held-out prompts. The floor leaves room for float noise and fewer prompts.
+# Greedy acceptance at K = 3 over TRAINING.json's 32 held-out prompts, 96 tokens each: 0.506 on
+# the shipped pair (0.600 at training time with 256 tokens); a drafter that predicts nothing
+# gets about 0. The floor leaves room for float noise across platforms.
 ACCEPTANCE_FLOOR_K3 = 0.4
 PYTHON_WORDS = ("def ", "return", "self", "if ", "for ", " in ", "import", "None", "(", ":\n")
 
@@ -81,11 +82,11 @@ def test_speculative_equals_plain_greedy_past_the_window(pair, training):
 
 
 def test_acceptance_floor_at_k3(pair, training):
-    prompts = training["evaluation"]["prompts"]
-    chosen = [p for p in prompts if p["kind"] == "raw"][:3] + [p for p in prompts if p["kind"] == "chat"][:3]
+    # All the held-out prompts of TRAINING.json (acceptance varies 0.2..0.97 between prompts),
+    # with fewer tokens than at training time.
     drafted = accepted = 0
-    for p in chosen:
-        steps = _run(pair, _prompt_ids(pair, p), 3, 160)
+    for p in training["evaluation"]["prompts"]:
+        steps = _run(pair, _prompt_ids(pair, p), 3, 96)
         drafted += sum(s.drafted for s in steps)
         accepted += sum(s.accepted for s in steps)
     assert drafted > 0
@@ -94,16 +95,26 @@ def test_acceptance_floor_at_k3(pair, training):
         f"{training['evaluation']['ours']['per_k']['3']['acceptance']})"
 
 
-@pytest.mark.xfail(strict=True, reason="the 25-minute target writes docstring-shaped but repetitive text "
-                   "(3 of the 4 required Python markers); issue 5 stays open until a retrain passes this")
 def test_writes_python(pair):
+    import ast
+
     import mtp_mlx
 
-    ids = mtp_mlx.format_prompt(pair.tokenizer, "def fibonacci(n):")
-    text = mtp_mlx.generate(pair, ids, max_tokens=96, num_draft_tokens=3)
-    assert text.strip(), "no text"
+    def write(prompt):
+        return mtp_mlx.generate(pair, mtp_mlx.format_prompt(pair.tokenizer, prompt), max_tokens=96, num_draft_tokens=3)
+
+    # The README's quick-start prompt: a complete function that Python parses.
+    text = write("def fibonacci(n):")
     found = [w for w in PYTHON_WORDS if w in text]
     assert len(found) >= 4, (found, text)
+    tree = ast.parse(text)
+    assert isinstance(tree.body[0], ast.FunctionDef), text
+    # Other requests get code too (a 3 M-parameter model: greedy decoding may loop until the
+    # token budget, so not every answer is complete).
+    prompts = ["def is_prime(n):", "def add(a, b):", "def reverse(s):", "def count_words(text):",
+               "def read_lines(path):", "def main():"]
+    codey = [p for p in prompts if (t := write(p)).startswith("def ") and sum(w in t for w in PYTHON_WORDS) >= 4]
+    assert len(codey) >= len(prompts) // 2, codey
 
 
 def test_training_record(training):
