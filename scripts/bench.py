@@ -1,7 +1,7 @@
 """Decode-speed benchmark: plain vs speculative decoding on one checkpoint pair, and our
 plain decoding against mlx-lm's own Gemma 4 on the same target checkpoint.
 
-Warm-up first, then the median of several runs. Decode speed is (N - 1) / (t_N - t_1),
+Warm-up first, then the median of several runs (taken round-robin over the cases). Decode speed is (N - 1) / (t_N - t_1),
 where t_i is when the i-th generated token reached the host (so prefill is excluded).
 Prints a table and writes JSON (``--json``). Not a test: nothing here asserts a speed.
 
@@ -97,11 +97,16 @@ def main(argv=None):
         if lm is not None:
             cases["mlx-lm plain"] = lm
 
-    results = {}
-    for name, fn in cases.items():
+    # Warm-up, then the runs round-robin over the cases, so that a slow spell of a shared
+    # machine lands on every case alike instead of on whichever case was running.
+    for fn in cases.values():
         for _ in range(args.warmup):
             fn()
-        results[name] = _median([fn() for _ in range(args.runs)])
+    runs = {name: [] for name in cases}
+    for _ in range(args.runs):
+        for name, fn in cases.items():
+            runs[name].append(fn())
+    results = {name: _median(r) for name, r in runs.items()}
 
     plain = results["plain"]["decode_tps"]
     print(f"{'case':<14} {'decode tok/s':>12} {'speed-up':>9} {'accept':>7} {'tok/fwd':>8}")

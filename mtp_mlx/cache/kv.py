@@ -58,9 +58,10 @@ class LayerCache:
         return self.capacity if self.window else max(self.offsets, default=0)
 
     # ---- writing -----------------------------------------------------------------------
-    def update(self, k: mx.array, v: mx.array) -> KVView:
+    def update(self, k: mx.array, v: mx.array, pos: Optional[mx.array] = None) -> KVView:
         """Append L entries per row at positions offsets[b] .. offsets[b]+L-1; return what
-        the L queries attend to. k, v: [B, nKV, L, D]."""
+        the L queries attend to. k, v: [B, nKV, L, D]; ``pos``: those positions [B, L] int32
+        when the caller has them already (the target's forward does; saves ops per layer)."""
         B, H, L, D = k.shape
         if self.keys is None:
             self.offsets, self._since_write = [0] * B, [0] * B
@@ -68,8 +69,9 @@ class LayerCache:
             self.keys = mx.zeros((B, H, S, D), dtype=k.dtype)
             self.values = mx.zeros((B, H, S, v.shape[3]), dtype=v.dtype)
             self.pos = mx.full((B, S), -1, dtype=mx.int32)
-        start = mx.array(self.offsets, dtype=mx.int32)[:, None]
-        new_pos = start + mx.arange(L, dtype=mx.int32)  # [B, L]
+        if pos is None:
+            pos = mx.array(self.offsets, dtype=mx.int32)[:, None] + mx.arange(L, dtype=mx.int32)
+        new_pos = pos  # [B, L]
         if self.window and L > self.max_draft + 1:
             # Long chunk (prefill): attend over old ring + chunk, then keep the last entries.
             view = KVView(

@@ -236,7 +236,7 @@ class Model(nn.Module):
             attn = layer.self_attn
             if attn.owns_kv:
                 k, v = attn.project_kv(layer.input_layernorm(h), offsets, self._periods[t])
-                views[i] = cache.layers[i].update(k, v)
+                views[i] = cache.layers[i].update(k, v, q_pos)
             kv = views[cfg.kv_source(i)]
             if t not in masks:
                 masks[t] = visibility_mask(q_pos, kv.pos, attn.window)
