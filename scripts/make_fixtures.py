@@ -269,42 +269,20 @@ def _tokenizer_corpus() -> list[str]:
     return chunks
 
 
-def build_tokenizer(dst: Path) -> None:
-    """Gemma-style BPE tokenizer, vocab exactly 512: 0 <pad>, 1 <eos>, 2 <bos>, 3 <unk>, 4 <mask>,
-    5 [multimodal], 6..104 <unused0..98>, 105 <|turn>, 106 <turn|>; adds <bos> by default."""
-    import sentencepiece as spm
+# Ids 0 <pad>, 1 <eos>, 2 <bos>, 3 <unk> come first; then these, so <|turn> is 105, <turn|> 106.
+TOKENIZER_SPECIALS = ["<mask>", "[multimodal]"] + [f"<unused{i}>" for i in range(99)] + [TURN_OPEN, TURN_CLOSE]
+
+
+def save_gemma_tokenizer(spm_model: bytes, dst: Path, vocab: int):
+    """Write a trained sentencepiece BPE model (specials as above) into ``dst`` in the Gemma
+    layout the loader reads: tokenizer.json (converted by transformers), tokenizer_config.json
+    with the chat template, chat_template.jinja. Checks the vocabulary size and the turn ids
+    the rest of the project relies on; returns the tokenizer as loaded back from ``dst``."""
     from transformers import AutoTokenizer
 
-    dst.mkdir(parents=True, exist_ok=True)
-    specials = ["<mask>", "[multimodal]"] + [f"<unused{i}>" for i in range(99)] + [TURN_OPEN, TURN_CLOSE]
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_tokenizer_corpus()),
-        model_writer=model,
-        vocab_size=VOCAB,
-        model_type="bpe",
-        pad_id=0,
-        eos_id=1,
-        bos_id=2,
-        unk_id=3,
-        pad_piece="<pad>",
-        eos_piece="<eos>",
-        bos_piece="<bos>",
-        unk_piece="<unk>",
-        user_defined_symbols=specials,
-        add_dummy_prefix=False,
-        remove_extra_whitespaces=False,
-        normalization_rule_name="identity",
-        character_coverage=1.0,
-        byte_fallback=False,  # 256 byte pieces do not fit a 512 vocab next to 107 specials
-        split_digits=True,
-        allow_whitespace_only_pieces=True,
-        num_threads=1,
-        minloglevel=2,
-    )
     tmp = dst / "_spm"
     tmp.mkdir(exist_ok=True)
-    (tmp / "tokenizer.model").write_bytes(model.getvalue())
+    (tmp / "tokenizer.model").write_bytes(spm_model)
     (tmp / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GemmaTokenizer"}))
     # transformers converts the sentencepiece model to a tokenizers BPE (GemmaTokenizer layout)
     tok = AutoTokenizer.from_pretrained(str(tmp), add_bos_token=True)
@@ -328,10 +306,44 @@ def build_tokenizer(dst: Path) -> None:
     }
     (dst / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
     (dst / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    # sanity: ids the rest of the project relies on
     check = AutoTokenizer.from_pretrained(str(dst))
-    assert len(check) == VOCAB, len(check)
+    assert len(check) == vocab, len(check)
     assert check.convert_tokens_to_ids([TURN_OPEN, TURN_CLOSE]) == [105, 106]
+    return check
+
+
+def build_tokenizer(dst: Path) -> None:
+    """Gemma-style BPE tokenizer, vocab exactly 512: 0 <pad>, 1 <eos>, 2 <bos>, 3 <unk>, 4 <mask>,
+    5 [multimodal], 6..104 <unused0..98>, 105 <|turn>, 106 <turn|>; adds <bos> by default."""
+    import sentencepiece as spm
+
+    dst.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_tokenizer_corpus()),
+        model_writer=model,
+        vocab_size=VOCAB,
+        model_type="bpe",
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        pad_piece="<pad>",
+        eos_piece="<eos>",
+        bos_piece="<bos>",
+        unk_piece="<unk>",
+        user_defined_symbols=TOKENIZER_SPECIALS,
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        character_coverage=1.0,
+        byte_fallback=False,  # 256 byte pieces do not fit a 512 vocab next to 107 specials
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        num_threads=1,
+        minloglevel=2,
+    )
+    check = save_gemma_tokenizer(model.getvalue(), dst, VOCAB)
     assert check("hi").input_ids[0] == 2
 
 

@@ -44,13 +44,13 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import copy
 import hashlib
 import io
 import json
 import math
 import platform
 import random
-import shutil
 import statistics
 import sys
 import sysconfig
@@ -63,7 +63,12 @@ sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO))
 
 # Shared with the test fixtures: chat template and the Gemma turn markers / EOS ids.
-from make_fixtures import CHAT_TEMPLATE, EOS_IDS, TURN_CLOSE, TURN_OPEN  # noqa: E402
+from make_fixtures import (  # noqa: E402
+    EOS_IDS,
+    TOKENIZER_SPECIALS,
+    copy_tokenizer,
+    save_gemma_tokenizer,
+)
 
 S, F = "sliding_attention", "full_attention"
 PAD, EOS, BOS, TURN, TURN_END = 0, 1, 2, 105, 106
@@ -190,7 +195,6 @@ def functions(text: str) -> list[tuple[str, str, str]]:
 def build_tokenizer(corpus: dict, dst: Path, seed: int) -> None:
     """sentencepiece BPE on the train files, saved as tokenizer.json (GemmaTokenizer layout)."""
     import sentencepiece as spm
-    from transformers import AutoTokenizer
 
     dst.mkdir(parents=True, exist_ok=True)
     chunks = []
@@ -199,7 +203,6 @@ def build_tokenizer(corpus: dict, dst: Path, seed: int) -> None:
         chunks += ["\n".join(lines[i : i + 8]) for i in range(0, len(lines), 8)]
     chunks = [c for c in chunks if c.strip() and len(c.encode()) < 4000]
     random.Random(seed).shuffle(chunks)
-    specials = ["<mask>", "[multimodal]"] + [f"<unused{i}>" for i in range(99)] + [TURN_OPEN, TURN_CLOSE]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(chunks),
@@ -208,7 +211,7 @@ def build_tokenizer(corpus: dict, dst: Path, seed: int) -> None:
         model_type="bpe",
         pad_id=PAD, eos_id=EOS, bos_id=BOS, unk_id=3,
         pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
-        user_defined_symbols=specials,
+        user_defined_symbols=TOKENIZER_SPECIALS,
         add_dummy_prefix=False,
         remove_extra_whitespaces=False,
         normalization_rule_name="identity",
@@ -222,40 +225,10 @@ def build_tokenizer(corpus: dict, dst: Path, seed: int) -> None:
         num_threads=2,
         minloglevel=2,
     )
-    tmp = dst / "_spm"
-    tmp.mkdir(exist_ok=True)
-    (tmp / "tokenizer.model").write_bytes(model.getvalue())
-    (tmp / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GemmaTokenizer"}))
-    tok = AutoTokenizer.from_pretrained(str(tmp), add_bos_token=True)
-    tok.save_pretrained(str(tmp / "out"))
-    shutil.copy(tmp / "out" / "tokenizer.json", dst / "tokenizer.json")
-    shutil.rmtree(tmp)
-    cfg = {
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "backend": "tokenizers",
-        "bos_token": "<bos>",
-        "chat_template": CHAT_TEMPLATE,
-        "eos_token": "<eos>",
-        "extra_special_tokens": [TURN_OPEN, TURN_CLOSE],
-        "mask_token": "<mask>",
-        "model_max_length": 1000000000000000019884624838656,
-        "pad_token": "<pad>",
-        "padding_side": "left",
-        "tokenizer_class": "GemmaTokenizer",
-        "unk_token": "<unk>",
-    }
-    (dst / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
-    (dst / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    check = AutoTokenizer.from_pretrained(str(dst))
-    assert len(check) == VOCAB, len(check)
-    assert check.convert_tokens_to_ids([TURN_OPEN, TURN_CLOSE]) == [TURN, TURN_END]
+    check = save_gemma_tokenizer(model.getvalue(), dst, VOCAB)
     sample = "def f(x):\n    \"\"\"Doc.\"\"\"\n\treturn x  # é ü 💡\n"
     ids = check(sample).input_ids
     assert ids[0] == BOS and check.decode(ids[1:]) == sample, check.decode(ids[1:])
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
 def load_tokenizer(tok_dir: Path):
@@ -397,8 +370,7 @@ def save_target(model, folder: Path, tok_dir: Path) -> None:
     gc = {"bos_token_id": BOS, "do_sample": False, "eos_token_id": list(EOS_IDS), "pad_token_id": PAD,
           "transformers_version": "5.23.0"}
     (folder / "generation_config.json").write_text(json.dumps(gc, indent=2) + "\n")
-    for name in TOKENIZER_FILES:
-        shutil.copy(tok_dir / name, folder / name)
+    copy_tokenizer(tok_dir, folder)
 
 
 def save_drafter(model, folder: Path, num_assistant_tokens: int) -> None:
@@ -486,6 +458,27 @@ class Budget:
         return f"step budget ({self.steps} steps)" if self.steps else f"time budget ({self.seconds / 60:g} min)"
 
 
+class EarlyStop:
+    """Keeps a copy of the weights at the best held-out evaluation; training stops after
+    ``patience`` evaluations in a row without an improvement of at least ``min_delta``."""
+
+    def __init__(self, patience: int, min_delta: float = 1e-3):
+        self.patience, self.min_delta = patience, min_delta
+        self.best, self.state, self.row, self.bad = float("inf"), None, None, 0
+
+    def update(self, loss: float, model, row: dict) -> bool:
+        """Record one evaluation (its held-out loss and log row); True: stop training."""
+        if loss < self.best - self.min_delta:
+            self.best, self.state, self.row, self.bad = loss, copy.deepcopy(model.state_dict()), row, 0
+        else:
+            self.bad += 1
+        return self.stopped
+
+    @property
+    def stopped(self) -> bool:
+        return self.bad >= self.patience
+
+
 def lr_at(budget: Budget, peak: float, warmup: int) -> float:
     if budget.step < warmup:
         return peak * (budget.step + 1) / warmup
@@ -538,8 +531,6 @@ def evaluate_target(model, xs, n_raw: int) -> dict:
 
 
 def train_target(args, train: dict, heldout: dict, log_rows: list):
-    import copy
-
     import numpy as np
     import torch
     import transformers as tf
@@ -555,7 +546,7 @@ def train_target(args, train: dict, heldout: dict, log_rows: list):
     n_raw, n_chat = (6, 2) if args.smoke else (24, 8)
     xs_ho = heldout_set(heldout, n_raw, n_chat)
     budget = Budget(args.target_minutes, args.target_steps)
-    best, best_state, bad, evals = float("inf"), None, 0, 0
+    stop, evals = EarlyStop(args.patience), 0
     tokens, t_log, recent = 0, time.time(), []
     log(f"target: {n_params(model) / 1e6:.2f} M parameters; {args.target_steps} steps, cap {args.target_minutes} min")
     while True:
@@ -571,14 +562,9 @@ def train_target(args, train: dict, heldout: dict, log_rows: list):
             log(f"target step {row['step']} {row['minutes']} min: train {row['train_loss']} held-out "
                 f"{row['heldout_loss']} (raw {row['heldout_raw']}, chat {row['heldout_chat']})")
             recent = []
-            if ev["loss"] < best - 1e-3:
-                best, best_state, bad = ev["loss"], copy.deepcopy(model.state_dict()), 0
-                best_row = row
-            else:
-                bad += 1
-                if bad >= args.patience:
-                    log(f"target: held-out loss stopped improving ({args.patience} evaluations); stopping")
-                    break
+            if stop.update(ev["loss"], model, row):
+                log(f"target: held-out loss stopped improving ({args.patience} evaluations); stopping")
+                break
         if last:
             break
         for g in opt.param_groups:
@@ -595,12 +581,13 @@ def train_target(args, train: dict, heldout: dict, log_rows: list):
         if time.time() - t_log > 60:
             log(f"target step {budget.step}: loss {np.mean(recent):.3f}, {tokens / budget.elapsed:.0f} tok/s")
             t_log = time.time()
-    model.load_state_dict(best_state)
+    model.load_state_dict(stop.state)
     model.eval()
+    best_row = stop.row
     info = dict(params=n_params(model), steps=budget.step, tokens=tokens, minutes=round(budget.elapsed / 60, 2),
                 best_step=best_row["step"], heldout_loss=best_row["heldout_loss"],
                 heldout_loss_raw=best_row["heldout_raw"], heldout_loss_chat=best_row["heldout_chat"],
-                stopped=budget.why(bad >= args.patience), batch=args.target_batch, seq_len=SEQ_LEN, peak_lr=args.target_lr, evaluations=evals)
+                stopped=budget.why(stop.stopped), batch=args.target_batch, seq_len=SEQ_LEN, peak_lr=args.target_lr, evaluations=evals)
     return model, info
 
 
@@ -793,8 +780,6 @@ def drafter_heldout(target, heldout: dict, model_turn: list, rng, n: int):
 
 
 def train_drafter(args, target, train: dict, heldout: dict, tok, log_rows: list):
-    import copy
-
     import numpy as np
     import torch
     import transformers as tf
@@ -827,7 +812,7 @@ def train_drafter(args, target, train: dict, heldout: dict, tok, log_rows: list)
     masks = draft_masks(SEQ_LEN + 1, TARGET["sliding_window"])
     steps = args.draft_steps
     budget = Budget(args.drafter_minutes, args.drafter_steps)
-    best, best_state, bad, tokens, recent, t_log = float("inf"), None, 0, 0, [], time.time()
+    stop, tokens, recent, t_log = EarlyStop(args.patience), 0, [], time.time()
     log(f"drafter: {n_params(drafter) / 1e6:.2f} M parameters; {steps} draft steps per round; "
         f"{args.drafter_steps} optimizer steps, cap {args.drafter_minutes} min")
     while True:
@@ -853,13 +838,9 @@ def train_drafter(args, target, train: dict, heldout: dict, tok, log_rows: list)
             log(f"drafter step {row['step']} {row['minutes']} min: train {row['train_loss']} held-out {ev:.4f} "
                 f"agreement per step {row['heldout_top1_agreement_masked_head']}")
             recent = []
-            if ev < best - 1e-3:
-                best, best_state, bad, best_row = ev, copy.deepcopy(drafter.state_dict()), 0, row
-            else:
-                bad += 1
-                if bad >= args.patience:
-                    log(f"drafter: held-out loss stopped improving ({args.patience} evaluations); stopping")
-                    break
+            if stop.update(ev, drafter, row):
+                log(f"drafter: held-out loss stopped improving ({args.patience} evaluations); stopping")
+                break
         if last:
             break
         for g in opt.param_groups:
@@ -881,14 +862,15 @@ def train_drafter(args, target, train: dict, heldout: dict, tok, log_rows: list)
         if time.time() - t_log > 60:
             log(f"drafter step {budget.step}: loss {np.mean(recent):.3f}, {tokens / budget.elapsed:.0f} tok/s")
             t_log = time.time()
-    drafter.load_state_dict(best_state)
+    drafter.load_state_dict(stop.state)
+    best_row = stop.row
     drafter.eval()
     info = dict(params=n_params(drafter), steps=budget.step, tokens=tokens, minutes=round(budget.elapsed / 60, 2),
                 data_generation_minutes=round(gen_minutes, 2), generated_sequences=len(generated),
                 best_step=best_row["step"], heldout_loss=best_row["heldout_loss"],
                 heldout_top1_agreement=best_row["heldout_top1_agreement"],
                 heldout_top1_agreement_masked_head=best_row["heldout_top1_agreement_masked_head"],
-                stopped=budget.why(bad >= args.patience), draft_steps=steps, batch=args.drafter_batch, peak_lr=args.drafter_lr,
+                stopped=budget.why(stop.stopped), draft_steps=steps, batch=args.drafter_batch, peak_lr=args.drafter_lr,
                 token_clusters="balanced k-means (cosine) over the target's tied embedding rows")
     return drafter, info
 
