@@ -2,7 +2,7 @@
 ``batch_generate`` runs 1..8 prompts together.
 
 Never prints. Tokenizing, chat formatting, detokenizing, stop strings and statistics live
-here; the loops (``mtp_mlx.spec.loop``) deal in token ids only.
+here; the loops (``mtp_mlx.decoding.loop``) deal in token ids only.
 """
 
 import time
@@ -13,7 +13,7 @@ import mlx.core as mx
 
 from .errors import MtpError
 from .sampling import SamplingConfig
-from .spec.loop import generate_batch, speculative_generate_batch
+from .decoding.loop import generate_batch, speculative_generate_batch
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_NUM_DRAFT = 4

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from .spec.loop import generate_batch, speculative_generate_batch
+from .decoding.loop import generate_batch, speculative_generate_batch
 
 BATCH_SIZES = (1, 2, 4, 8)
 DRAFT_LENGTHS = (0, 1, 2, 3, 4, 5, 6)  # 0 = no drafter

@@ -11,8 +11,8 @@ import argparse
 import json
 
 from mtp_mlx import SamplingConfig, format_prompt, load
-from mtp_mlx.spec.accept import accept_exact_match, accept_sampled
-from mtp_mlx.spec.loop import speculative_generate_step
+from mtp_mlx.decoding.accept import accept_exact_match, accept_sampled
+from mtp_mlx.decoding.loop import speculative_generate_step
 
 PROMPTS = ["def quicksort(items):", "class Stack:", "import json\n\ndef load(path):", "for i in range(10):"]
 

@@ -18,7 +18,7 @@ import time
 import mlx.core as mx
 
 from mtp_mlx import format_prompt, load
-from mtp_mlx.spec.loop import generate_step, speculative_generate_step
+from mtp_mlx.decoding.loop import generate_step, speculative_generate_step
 
 DEFAULT_PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
 

@@ -17,7 +17,7 @@ files (code, comments, docstrings). Stages, all under ``--out`` (default ``build
                examples (answers: the function's code without its docstring), for a fixed
                number of steps with early stopping on held-out loss.
 4. drafter     ``gemma4_assistant`` (4 layers s,s,s,f, centroid head), distilled from the frozen
-               target exactly the way it is used at inference (convention B, ``mtp_mlx.spec.draft``):
+               target exactly the way it is used at inference (convention B, ``mtp_mlx.decoding.draft``):
                every step of a round queries the single position P_b - 1 against the target's own
                K/V of tokens 0..P_b-1 (sliding layers: the last W), step 0's input is
                [target scaled embedding of the bonus token, target final-normed hidden at P_b - 1],
@@ -899,7 +899,7 @@ def eval_prompts(tok, files: list, n_raw: int, n_chat: int, seed: int) -> list[d
 
 
 def run_ours(pair, ids: list, k: int, max_tokens: int) -> dict:
-    from mtp_mlx.spec.loop import generate_step, speculative_generate_step
+    from mtp_mlx.decoding.loop import generate_step, speculative_generate_step
 
     if k == 0:
         steps = list(generate_step(pair.target, ids, max_tokens=max_tokens, eos_ids=EOS_IDS))
@@ -976,7 +976,7 @@ def measure_speed(pair, prompts: list, ks, max_tokens: int, repeats: int) -> dic
 
 def check_training_matches_runtime(target_dir: Path, drafter_dir: Path, seq: list, positions) -> dict:
     """The drafter's training forward (torch, ``drafter_rollout``) against our MLX runtime's
-    drafting (``mtp_mlx.spec.draft``, convention B) on the float32 HF folders: same drafts and
+    drafting (``mtp_mlx.decoding.draft``, convention B) on the float32 HF folders: same drafts and
     the same head hidden states, for query positions before and past the sliding window."""
     import mlx.core as mx
     import numpy as np
@@ -984,7 +984,7 @@ def check_training_matches_runtime(target_dir: Path, drafter_dir: Path, seq: lis
     import transformers as tf
 
     from mtp_mlx import load
-    from mtp_mlx.spec.draft import draft_context
+    from mtp_mlx.decoding.draft import draft_context
 
     pair = load(str(target_dir), str(drafter_dir))
     T, D = pair.target, pair.drafter

@@ -7,7 +7,7 @@ import pytest
 from mtp_mlx.api import batch_generate
 from mtp_mlx.errors import MtpError
 from mtp_mlx.loading import load
-from mtp_mlx.spec.loop import generate_step, speculative_generate_batch, speculative_generate_step
+from mtp_mlx.decoding.loop import generate_step, speculative_generate_batch, speculative_generate_step
 
 
 def _ids(n, seed):
@@ -117,7 +117,7 @@ def test_ring_layout_does_not_depend_on_k():
     """The invariant behind bitwise-equal verify and decode: position p sits in the same ring
     slot in plain and speculative runs (with K-sized rings an fp16 near-tie once flipped)."""
     from mtp_mlx.sampling import SamplingConfig
-    from mtp_mlx.spec.loop import _start
+    from mtp_mlx.decoding.loop import _start
     from tests.tiny import tiny_target
 
     t = tiny_target("e2b", window=8)

@@ -44,7 +44,7 @@ def _prompt_ids(pair, p):
 
 
 def _run(pair, ids, k, max_tokens, eos=EOS_IDS):
-    from mtp_mlx.spec.loop import generate_step, speculative_generate_step
+    from mtp_mlx.decoding.loop import generate_step, speculative_generate_step
 
     if k == 0:
         return list(generate_step(pair.target, ids, max_tokens=max_tokens, eos_ids=eos))

@@ -6,7 +6,7 @@ import mlx.core as mx
 import pytest
 
 from mtp_mlx.errors import MtpError
-from mtp_mlx.spec.loop import generate_step, speculative_generate_step
+from mtp_mlx.decoding.loop import generate_step, speculative_generate_step
 from tests.tiny import tiny_drafter, tiny_target
 
 

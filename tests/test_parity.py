@@ -9,8 +9,8 @@ import pytest
 
 from mtp_mlx.cache import KVView
 from mtp_mlx.loading.weights import load_drafter, load_target
-from mtp_mlx.spec.draft import hf_draft_context
-from mtp_mlx.spec.loop import generate_step, speculative_generate_step
+from mtp_mlx.decoding.draft import hf_draft_context
+from mtp_mlx.decoding.loop import generate_step, speculative_generate_step
 from tests import reference as ref
 
 TOL = 1e-4

@@ -12,8 +12,8 @@ from mtp_mlx.models.config import DrafterConfig, TextConfig
 from mtp_mlx.models.gemma4_assistant import Model as Drafter
 from mtp_mlx.models.gemma4_text import Model as Target
 from mtp_mlx.sampling import SamplingConfig, log_probs, repetition_penalty
-from mtp_mlx.spec.accept import accept_exact_match, accept_sampled
-from mtp_mlx.spec.loop import generate_batch, generate_step, speculative_generate_batch, speculative_generate_step
+from mtp_mlx.decoding.accept import accept_exact_match, accept_sampled
+from mtp_mlx.decoding.loop import generate_batch, generate_step, speculative_generate_batch, speculative_generate_step
 from tests.tiny import _perturb, tiny_drafter, tiny_target
 
 ROWS = 4000  # scripted rule checks draw this many independent rows at once

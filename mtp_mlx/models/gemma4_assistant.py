@@ -7,7 +7,7 @@ attend to the target's producer layers' K/V (passed in as ``KVView``s of the tar
 Heads: the tied dense head (26B/31B/12B) and the centroid "ordered embedding" head
 (E2B/E4B), whose greedy path never materialises the full-vocabulary logits.
 
-Not here: the round itself (``mtp_mlx.spec.draft``), which picks query positions and masks.
+Not here: the round itself (``mtp_mlx.decoding.draft``), which picks query positions and masks.
 """
 
 from dataclasses import dataclass

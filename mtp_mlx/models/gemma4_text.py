@@ -6,7 +6,7 @@ and the 12B ``gemma4_unified`` text stack. A forward over L tokens (prefill, one
 token or a K+1 verify chunk) returns logits, the final-normed hidden states and the
 producer layers' K/V that the drafter reads.
 
-Not here: sampling, acceptance, rollback policy (``mtp_mlx.spec``), weight I/O
+Not here: sampling, acceptance, rollback policy (``mtp_mlx.decoding``), weight I/O
 (``mtp_mlx.loading``).
 """
 

@@ -231,7 +231,7 @@ def speculative_generate_batch(
     Greedy (``sampling.temperature == 0``) output is token-identical to ``generate_batch``
     row by row; sampled output has exactly the target's distribution (``accept`` is the
     rejection rule, replaceable for experiments). ``position`` picks the drafter's
-    query-position convention (``mtp_mlx.spec.draft``; "hf" needs a single row).
+    query-position convention (``mtp_mlx.decoding.draft``; "hf" needs a single row).
     """
     if position not in POSITIONS:
         raise MtpError(f"unknown draft position convention {position!r}: use one of {', '.join(POSITIONS)}")
