@@ -14,7 +14,7 @@ $(BIN)/python:
 # CPU torch (the reference's backend) first, pinned, so pip never pulls a CUDA build.
 setup: $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,server]"
 
 fixtures:
 	$(BIN)/python scripts/make_fixtures.py --out $(FIXTURES)
