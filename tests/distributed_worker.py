@@ -1,0 +1,146 @@
+"""One rank of the two-rank tests (tests/test_distributed.py starts two of these with MLX_RANK
+and a generated MLX_HOSTFILE). Each rank writes what it saw to <out>/rank<r>.json and
+<out>/rank<r>_<kind>.npz; the test compares the ranks with each other and with the
+single-process reference every rank computes before splitting its model.
+
+Scenarios:
+  parity   for each kind: logits of a prefill and a verify chunk (one process vs split),
+           greedy plain vs speculative tokens, a seeded sampled run twice.
+  die      rank 1 exits in the middle of generation; rank 0 must exit with a clear error.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mtp_mlx.distributed import distribute, init_distributed  # noqa: E402
+from mtp_mlx.distributed.launch import Watchdog, lost_peer_error, peer_lost  # noqa: E402
+from mtp_mlx.errors import MtpError  # noqa: E402
+from mtp_mlx.sampling import SamplingConfig  # noqa: E402
+
+PROMPT_LEN = 20
+GEN = 56  # with the prompt, past the fixtures' 32-token sliding window plus its 8 slots of slack
+
+
+def load_kind(fixtures: Path, kind: str):
+    from mtp_mlx import load
+
+    return load(str(fixtures / kind / "target"), drafter=str(fixtures / kind / "assistant"), dtype="float32")
+
+
+def prompt_for(vocab: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return [int(t) for t in rng.integers(3, vocab, size=PROMPT_LEN)]
+
+
+def forward_logits(target, prompt, chunk):
+    """Logits of a prefill over ``prompt`` then one verify-shaped chunk [1, len(chunk)]."""
+    cache = target.make_cache()
+    a = target(mx.array([prompt], dtype=mx.int32), cache)
+    b = target(mx.array([chunk], dtype=mx.int32), cache)
+    mx.eval(a.logits, b.logits, a.hidden, b.hidden)
+    return np.array(a.logits), np.array(b.logits), np.array(b.hidden)
+
+
+def generate(pair, prompt, num_draft, sampling=None, max_tokens=GEN, on_step=None):
+    """Token ids the decoding loop emits (speculative when num_draft > 0)."""
+    from mtp_mlx.decoding.loop import generate_batch, speculative_generate_batch
+
+    sampling = sampling or SamplingConfig()
+    if num_draft:
+        steps = speculative_generate_batch(pair.target, pair.drafter, [prompt], max_tokens=max_tokens,
+                                           num_draft=num_draft, sampling=sampling)
+    else:
+        steps = generate_batch(pair.target, [prompt], max_tokens=max_tokens, sampling=sampling)
+    toks, accepted, forwards = [], 0, 0
+    for i, step in enumerate(steps):
+        s = step[0]
+        toks.extend(s.tokens)
+        accepted += s.accepted
+        forwards += i > 0
+        if on_step:
+            on_step(i)
+    return {"tokens": toks, "accepted": accepted, "forwards": forwards}
+
+
+def parity(args, rank, grp, wd):
+    report = {"rank": rank, "size": grp.size(), "mode": args.mode, "kinds": {}}
+    for kind in args.kinds.split(","):
+        pair = load_kind(Path(args.fixtures), kind)
+        V = pair.target.cfg.vocab_size
+        prompt = prompt_for(V)
+        chunk = prompt_for(V, seed=1)[:4]
+        ref_prefill, ref_chunk, ref_hidden = forward_logits(pair.target, prompt, chunk)
+        ref_plain = generate(pair, prompt, 0)
+        distribute(pair, args.mode, grp)
+        wd.beat()
+        t0 = time.perf_counter()
+        prefill, chunk_logits, hidden = forward_logits(pair.target, prompt, chunk)
+        plain = generate(pair, prompt, 0, on_step=lambda i: wd.beat())
+        spec = generate(pair, prompt, 3, on_step=lambda i: wd.beat())
+        sampled = [generate(pair, prompt, 3, SamplingConfig(temperature=1.0, top_k=20, seed=11),
+                            on_step=lambda i: wd.beat()) for _ in range(2)]
+        np.savez(Path(args.out) / f"rank{rank}_{kind}.npz", prefill=prefill, chunk=chunk_logits, hidden=hidden)
+        report["kinds"][kind] = {
+            "prefill_diff": float(np.abs(prefill - ref_prefill).max()),
+            "chunk_diff": float(np.abs(chunk_logits - ref_chunk).max()),
+            "hidden_diff": float(np.abs(hidden - ref_hidden).max()),
+            "ref_plain": ref_plain, "plain": plain, "spec": spec, "sampled": sampled,
+            "plan": getattr(getattr(pair.target, "tp_plan", None), "kv", None),
+            "seconds": time.perf_counter() - t0,
+        }
+        report["kinds"][kind]["plan"] = {str(k): v for k, v in (report["kinds"][kind]["plan"] or {}).items()}
+    return report
+
+
+def die(args, rank, grp, wd):
+    pair = load_kind(Path(args.fixtures), args.kinds.split(",")[0])
+    distribute(pair, args.mode, grp)
+    prompt = prompt_for(pair.target.cfg.vocab_size)
+
+    def step(i):
+        wd.beat()
+        if rank == 1 and i == 5:
+            os._exit(7)  # a rank that fails mid-run, without a goodbye
+
+    generate(pair, prompt, 3, on_step=step, max_tokens=200)
+    return {"rank": rank, "finished": True}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mode", choices=["tensor", "pipeline"], required=True)
+    ap.add_argument("--scenario", choices=["parity", "die"], default="parity")
+    ap.add_argument("--kinds", default="e2b,dense,moe")
+    ap.add_argument("--fixtures", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--stall-timeout", type=float, default=60.0)
+    args = ap.parse_args()
+    grp = init_distributed(args.mode, backend="ring")
+    rank = grp.rank()
+    with Watchdog(args.stall_timeout, rank) as wd:
+        try:
+            report = {"parity": parity, "die": die}[args.scenario](args, rank, grp, wd)
+        except RuntimeError as e:
+            if peer_lost(e):
+                print(f"error: {lost_peer_error(e, rank)}", file=sys.stderr)
+                sys.exit(2)
+            raise
+        except MtpError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+    with open(Path(args.out) / f"rank{rank}.json", "w") as f:
+        json.dump(report, f)
+
+
+if __name__ == "__main__":
+    main()
