@@ -27,8 +27,8 @@ from mtp_mlx.distributed.launch import Watchdog, lost_peer_error, peer_lost  # n
 from mtp_mlx.errors import MtpError  # noqa: E402
 from mtp_mlx.sampling import SamplingConfig  # noqa: E402
 
-PROMPT_LEN = 20
-GEN = 56  # with the prompt, past the fixtures' 32-token sliding window plus its 8 slots of slack
+PROMPT_LEN = 30
+GEN = 24  # 54 positions: past the fixtures' 32-token sliding window plus its 8 slots of slack (a wrapped ring)
 
 
 def load_kind(fixtures: Path, kind: str):
@@ -51,25 +51,26 @@ def forward_logits(target, prompt, chunk):
     return np.array(a.logits), np.array(b.logits), np.array(b.hidden)
 
 
-def generate(pair, prompt, num_draft, sampling=None, max_tokens=GEN, on_step=None):
-    """Token ids the decoding loop emits (speculative when num_draft > 0)."""
-    from mtp_mlx.decoding.loop import generate_batch, speculative_generate_batch
+def generate(pair, prompts, num_draft, sampling=None, max_tokens=GEN, on_step=None, distributed=True):
+    """Token ids and stats per prompt from one engine run (all prompts submitted together)."""
+    from mtp_mlx.decoding.engine import Engine, Request
+    from mtp_mlx.distributed.engine import DistributedEngine
 
-    sampling = sampling or SamplingConfig()
-    if num_draft:
-        steps = speculative_generate_batch(pair.target, pair.drafter, [prompt], max_tokens=max_tokens,
-                                           num_draft=num_draft, sampling=sampling)
-    else:
-        steps = generate_batch(pair.target, [prompt], max_tokens=max_tokens, sampling=sampling)
-    toks, accepted, forwards = [], 0, 0
-    for i, step in enumerate(steps):
-        s = step[0]
-        toks.extend(s.tokens)
-        accepted += s.accepted
-        forwards += i > 0
+    eng = DistributedEngine(pair) if distributed else Engine(pair)
+    uids = [eng.submit(Request(list(p), max_tokens=max_tokens, sampling=sampling or SamplingConfig(),
+                               num_draft=num_draft)) for p in prompts]
+    toks = {u: [] for u in uids}
+    stats = {}
+    for i, events in enumerate(iter(eng.step, None)):
+        for ev in events:
+            toks[ev.uid].extend(ev.tokens)
+            stats[ev.uid] = ev.stats
         if on_step:
             on_step(i)
-    return {"tokens": toks, "accepted": accepted, "forwards": forwards}
+        if eng.idle:
+            break
+    return [{"tokens": toks[u], "accepted": stats[u].accepted, "rounds": stats[u].rounds,
+             "ks": list(stats[u].ks)} for u in uids]
 
 
 def parity(args, rank, grp, wd):
@@ -80,21 +81,27 @@ def parity(args, rank, grp, wd):
         prompt = prompt_for(V)
         chunk = prompt_for(V, seed=1)[:4]
         ref_prefill, ref_chunk, ref_hidden = forward_logits(pair.target, prompt, chunk)
-        ref_plain = generate(pair, prompt, 0)
+        ref_plain = generate(pair, [prompt], 0, distributed=False)[0]
         distribute(pair, args.mode, grp)
         wd.beat()
+        beat = lambda i: wd.beat()  # noqa: E731
         t0 = time.perf_counter()
         prefill, chunk_logits, hidden = forward_logits(pair.target, prompt, chunk)
-        plain = generate(pair, prompt, 0, on_step=lambda i: wd.beat())
-        spec = generate(pair, prompt, 3, on_step=lambda i: wd.beat())
-        sampled = [generate(pair, prompt, 3, SamplingConfig(temperature=1.0, top_k=20, seed=11),
-                            on_step=lambda i: wd.beat()) for _ in range(2)]
+        (plain,) = generate(pair, [prompt], 0, on_step=beat)
+        (spec,) = generate(pair, [prompt], 3, on_step=beat)
+        hot = SamplingConfig(temperature=1.0, top_k=20, seed=11)
+        sampled = [generate(pair, [prompt], 3, hot, on_step=beat)[0] for _ in range(2)]
+        # Two rows of different lengths in one batch (the second prefilled while the first
+        # runs), the adaptive draft length, and a request without a seed.
+        batch = generate(pair, [prompt, prompt_for(V, seed=2)[:13]], "auto", on_step=beat) if args.batch else None
+        unseeded = generate(pair, [prompt], 3, SamplingConfig(temperature=1.0), on_step=beat)[0] if args.batch else None
         np.savez(Path(args.out) / f"rank{rank}_{kind}.npz", prefill=prefill, chunk=chunk_logits, hidden=hidden)
         report["kinds"][kind] = {
             "prefill_diff": float(np.abs(prefill - ref_prefill).max()),
             "chunk_diff": float(np.abs(chunk_logits - ref_chunk).max()),
             "hidden_diff": float(np.abs(hidden - ref_hidden).max()),
             "ref_plain": ref_plain, "plain": plain, "spec": spec, "sampled": sampled,
+            "batch": batch, "unseeded": unseeded,
             "plan": getattr(getattr(pair.target, "tp_plan", None), "kv", None),
             "seconds": time.perf_counter() - t0,
         }
@@ -112,7 +119,7 @@ def die(args, rank, grp, wd):
         if rank == 1 and i == 5:
             os._exit(7)  # a rank that fails mid-run, without a goodbye
 
-    generate(pair, prompt, 3, on_step=step, max_tokens=200)
+    generate(pair, [prompt], 3, on_step=step, max_tokens=200)
     return {"rank": rank, "finished": True}
 
 
@@ -123,6 +130,7 @@ def main():
     ap.add_argument("--kinds", default="e2b,dense,moe")
     ap.add_argument("--fixtures", required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--batch", action="store_true", help="also a two-row batch with num_draft auto")
     ap.add_argument("--stall-timeout", type=float, default=60.0)
     args = ap.parse_args()
     grp = init_distributed(args.mode, backend="ring")

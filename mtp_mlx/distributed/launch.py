@@ -82,16 +82,6 @@ def distribute(pair, mode: str, grp=None):
     return pair
 
 
-def agree_seed(seed: Optional[int], grp=None) -> int:
-    """One seed for every rank: ``seed`` if given, else rank 0's fresh entropy (ranks must
-    draw the same random numbers or their accept decisions drift apart)."""
-    if seed is not None:
-        return seed
-    grp = grp or group()
-    mine = int.from_bytes(os.urandom(3), "little") if grp.rank() == 0 else 0
-    return int(mx.distributed.all_sum(mx.array(mine, dtype=mx.int32), group=grp).item())
-
-
 def peer_lost(err: BaseException) -> bool:
     """Whether an exception is MLX reporting that a peer rank went away."""
     return isinstance(err, RuntimeError) and ("peer" in str(err) or "connection" in str(err))

@@ -1,0 +1,98 @@
+"""The decoding engine under ``mx.distributed``: every rank runs its own ``Engine`` on the same
+requests in the same order, and these two hooks keep their decisions identical:
+
+- the adaptive draft length: rank 0's policy decides each round's K per row, the others adopt
+  it (one all_sum of B ints per round; each rank's own timings would differ);
+- requests without a seed: rank 0's fresh seed is shared (one all_sum per request), so the
+  sampled tokens, acceptances and rollbacks agree on every rank. The request stays unseeded
+  in every other respect (rejection sampling, not the coupled rule).
+
+Everything else (greedy acceptance, seeded sampling) is already identical because the logits,
+hidden states and drafts are the same arrays on every rank.
+"""
+
+from typing import Dict, Optional, Sequence
+
+import mlx.core as mx
+
+from ..decoding.engine import Engine, Request
+from .launch import group as default_group
+
+
+def agree_seed(grp) -> int:
+    """A fresh 62-bit seed from rank 0, the same on every rank."""
+    import secrets
+
+    mine = [secrets.randbits(31), secrets.randbits(31)] if grp.rank() == 0 else [0, 0]
+    hi, lo = mx.distributed.all_sum(mx.array(mine, dtype=mx.int32), group=grp).tolist()
+    return (hi << 31) | lo
+
+
+class SyncedPolicy:
+    """Wraps a draft-length policy: rank 0's plan is every rank's plan."""
+
+    def __init__(self, policy, grp):
+        self.policy = policy
+        self.group = grp
+
+    def __getattr__(self, name):
+        return getattr(self.policy, name)
+
+    def plan(self, uids: Sequence[int], caps: Dict[int, int], *args, **kwargs) -> Dict[int, int]:
+        uids = list(uids)
+        mine = self.policy.plan(uids, caps, *args, **kwargs)
+        vals = [int(mine.get(u, 0)) for u in uids] if self.group.rank() == 0 else [0] * len(uids)
+        if not uids:
+            return {}
+        agreed = mx.distributed.all_sum(mx.array(vals, dtype=mx.int32), group=self.group).tolist()
+        return dict(zip(uids, agreed))
+
+    def observe(self, *args, **kwargs):
+        return self.policy.observe(*args, **kwargs)
+
+    def forget(self, uid: int) -> None:
+        self.policy.forget(uid)
+
+
+class DistributedEngine(Engine):
+    """``Engine`` whose per-rank decisions agree across ``group`` (default: the joined group).
+    Every rank must submit the same requests in the same order and call ``step`` in lockstep
+    (rank 0 reads them, e.g. from HTTP, and broadcasts them; see ``broadcast_request``)."""
+
+    def __init__(self, pair, *, group=None, **kwargs):
+        super().__init__(pair, **kwargs)
+        self.group = group or default_group()
+        if self.policy is not None and self.group.size() > 1:
+            self.policy = SyncedPolicy(self.policy, self.group)
+
+    def submit(self, request: Request) -> int:
+        uid = super().submit(request)
+        if request.sampling.seed is None and self.group.size() > 1:
+            self.live[uid].spec.seed = agree_seed(self.group)
+        return uid
+
+
+def broadcast_request(request: Optional[Request], grp=None) -> Request:
+    """Rank 0's request (prompt, budget, sampling, stop strings, draft length) on every rank;
+    other ranks pass None. For servers: rank 0 accepts HTTP, every rank submits the result."""
+    import json
+    from dataclasses import asdict
+
+    from ..sampling import SamplingConfig
+
+    grp = grp or default_group()
+    if grp.size() == 1:
+        return request
+    if grp.rank() == 0:
+        d = asdict(request)
+        d.pop("processors", None)
+        blob = json.dumps(d).encode()
+    else:
+        blob = b""
+    n = int(mx.distributed.all_sum(mx.array(len(blob), dtype=mx.int32), group=grp).item())
+    buf = mx.array(list(blob) if blob else [0] * n, dtype=mx.uint8) if grp.rank() == 0 else mx.zeros((n,), mx.uint8)
+    data = bytes(mx.distributed.all_sum(buf.astype(mx.int32), group=grp).astype(mx.uint8).tolist())
+    d = json.loads(data.decode())
+    d["sampling"] = SamplingConfig(**d["sampling"])
+    d["stop"] = tuple(d.get("stop") or ())
+    return Request(**d)
