@@ -4,10 +4,10 @@
 No Apple GPU is in reach, so the Metal source is proven here instead: the kernel body and
 header are wrapped exactly the way ``mx.fast.metal_kernel`` wraps them (kernels/shim/
 mlx_signature.py, with the names, template arguments, grid and threadgroup that
-mtp_mlx/ops/verify_attention.py passes), compiled with g++ against kernels/shim/metal_shim.h
+mtp_mlx/ops/attention.py passes), compiled with g++ against kernels/shim/metal_shim.h
 (the Metal subset: address spaces, half/bfloat, threadgroup memory, barriers, SIMD-group
 functions) and run on the CPU with every GPU thread a fiber, so barriers and SIMD-group
-reductions really synchronise. Outputs are compared with ``verify_attention_ref`` on random
+reductions really synchronise. Outputs are compared with ``attention_ref`` on random
 inputs over a sampled grid: batch 1-8, K 0-8 draft tokens (Lq = K+1), head sizes 64/256/512,
 GQA ratios 1-16, float32/float16/bfloat16, full attention, sliding windows with contexts shorter
 than the window, and ring buffers wrapped around it (slots permuted, empty slots at -1).
@@ -47,7 +47,7 @@ import mlx_signature as sig
 
 import mtp_mlx.ops  # noqa: F401
 
-va = sys.modules["mtp_mlx.ops.verify_attention"]
+va = sys.modules["mtp_mlx.ops.attention"]
 
 SHIM_HEADER = HERE / "shim" / "metal_shim.h"
 DEFAULT_BUILD_DIR = HERE / ".build"
@@ -57,7 +57,7 @@ CXXFLAGS = ["-std=c++20", "-O2", "-Wall", "-Wno-attributes", "-Wno-unused-variab
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 # Two bounds per dtype, (atol, rtol), both must hold on every row that sees a key:
-# against verify_attention_ref, which is itself rounded (MLX's CPU attention in half/bfloat is
+# against attention_ref, which is itself rounded (MLX's CPU attention in half/bfloat is
 # off by a few output ULPs), and against float64 attention on the same rounded inputs, where the
 # kernel (float softmax and accumulation, one final rounding) must stay within one output ULP.
 TOLERANCES = {"float32": (1e-4, 1e-4), "float16": (5e-3, 5e-3), "bfloat16": (4e-2, 2e-2)}
@@ -410,7 +410,7 @@ class Result:
     spec: CaseSpec
     ok: bool
     message: str
-    max_err: float = float("nan")  # against verify_attention_ref
+    max_err: float = float("nan")  # against attention_ref
     max_err_truth: float = float("nan")  # against float64 on the same inputs
     seconds: float = 0.0
     lk: int = 0
@@ -453,7 +453,7 @@ def prepare_case(spec: CaseSpec, builder: Builder, body: str, header: str, prefe
     mx.eval(inputs)
     tu, origin = translation_unit(body, header, inputs, launch, prefer_mlx)
     # Everything the worker threads need, as numpy (MLX streams belong to this thread).
-    ref = va.verify_attention_ref(q, k, v, q_pos=arrays["q_pos"], k_pos=arrays["k_pos"], window=window, scale=scale)
+    ref = va.attention_ref(q, k, v, q_pos=arrays["q_pos"], k_pos=arrays["k_pos"], window=window, scale=scale)
     data["ref"] = np.array(ref.astype(mx.float32))
     data["rounded"] = {n: np.array(arrays[n].astype(mx.float32)) for n in ("q", "k", "v")}
     data["case_bytes"] = {p: case_bytes(inputs, launch, p, spec.seed)

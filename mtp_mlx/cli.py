@@ -12,6 +12,7 @@ from typing import List, Optional
 import typer
 
 from .errors import MtpError
+from .limits import DEFAULT_MAX_TOKENS
 
 DEFAULT_MLX_PATH = "mlx_model"
 DEFAULT_Q_BITS = 4
@@ -55,32 +56,54 @@ class Dtype(str, Enum):
 
 
 # ---- generate / bench -------------------------------------------------------------------
-DEFAULT_MAX_TOKENS = 256
-DEFAULT_NUM_DRAFT = 4
-
-
 def _read_prompt(prompt: Optional[str]) -> str:
     if prompt is None or prompt == "-":
         if prompt is None and sys.stdin.isatty():
             raise MtpError("no prompt: pass --prompt TEXT, or --prompt - to read standard input")
-        prompt = sys.stdin.read()
+        data = sys.stdin.buffer.read()
+        try:
+            prompt = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise MtpError(f"standard input is not UTF-8 text (byte {e.start}): pass the prompt as UTF-8 text") from None
     if not prompt.strip():
         raise MtpError("the prompt is empty: pass some text with --prompt or on standard input")
     return prompt
 
 
-def _print_stats(r) -> None:
+def _k_summary(ks) -> str:
+    """How the draft length went: the K used per round, compressed into runs."""
+    if not ks:
+        return ""
+    runs, prev, count = [], ks[0], 0
+    for k in ks:
+        if k == prev:
+            count += 1
+        else:
+            runs.append(f"{prev}x{count}")
+            prev, count = k, 1
+    runs.append(f"{prev}x{count}")
+    shown = " ".join(runs[:12]) + (" ..." if len(runs) > 12 else "")
+    parked = sum(1 for k in ks if k == 0) / len(ks)
+    return f"K per round (K x rounds): {shown}; parked at K=0 in {100 * parked:.0f}% of rounds"
+
+
+def _print_stats(r, why: str = "") -> None:
     err = functools.partial(typer.echo, err=True)
+    s = r.stats
     err("==========")
-    err(f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec")
-    err(f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec")
-    if r.drafted:
-        err(f"Acceptance: {100 * r.acceptance_rate:.1f}% ({r.accepted}/{r.drafted} drafted tokens), "
-            f"{r.tokens_per_forward:.2f} tokens per target forward")
-    elif r.target_forwards == 0:
+    err(f"Prompt: {s.prompt_tokens} tokens, {s.prompt_tps:.3f} tokens-per-sec")
+    err(f"Generation: {s.generation_tokens} tokens, {s.generation_tps:.3f} tokens-per-sec")
+    if s.drafted:
+        err(f"Acceptance: {100 * s.acceptance_rate:.1f}% ({s.accepted}/{s.drafted} drafted tokens), "
+            f"{s.tokens_per_forward:.2f} tokens per target forward")
+    elif s.rounds == 0:
         err(f"Stopped after the prefill ({r.finish_reason or 'done'}): no decode steps")
     else:
-        err(f"Drafting: off, {r.tokens_per_forward:.2f} tokens per target forward")
+        err(f"Drafting: off, {s.tokens_per_forward:.2f} tokens per target forward")
+    if s.ks and any(s.ks):
+        err(_k_summary(s.ks))
+    if why:
+        err(why)
     err(f"Peak memory: {r.peak_memory:.3f} GB")
 
 
@@ -107,8 +130,9 @@ def generate(
         None, "--prompts-file", help="Batch: one prompt per line (1..8 lines); outputs in input order."
     ),
     max_tokens: int = typer.Option(DEFAULT_MAX_TOKENS, "--max-tokens", "-m", help="Tokens to generate at most."),
-    num_draft_tokens: Optional[int] = typer.Option(
-        None, "--num-draft-tokens", help="Draft tokens per round, 1..8 (default: the tuned value, else 4)."
+    num_draft_tokens: str = typer.Option(
+        "auto", "--num-draft-tokens", help="Draft tokens per round: auto (chosen each round from measured "
+        "costs; never slower than plain decoding by more than a bounded amount) or 1..8 fixed."
     ),
     no_drafter: bool = typer.Option(False, "--no-drafter", help="Decode with the target alone."),
     temp: float = typer.Option(0.0, "--temp", help="Sampling temperature; 0 = greedy."),
@@ -125,25 +149,23 @@ def generate(
         "B", "--draft-position", help="Drafter query position: B (P_b-1, default), A (P_b), hf (reference parity)."
     ),
     attention_backend: str = typer.Option(
-        "auto", "--attention-backend", help="Verify attention: auto (Metal kernel where available), reference, metal."
+        "auto", "--attention-backend", help="Attention: auto (the Metal kernel where available), reference, metal."
     ),
     dtype: Optional[Dtype] = typer.Option(None, "--dtype", help="Cast floating-point weights to this type."),
 ) -> None:
     """Generate text, streaming it to standard output; statistics go to standard error."""
     from . import api
     from .loading import load
-    from .ops import set_attention_backend
+    from .ops import check_backend
     from .sampling import SamplingConfig
-    from .tuning import recommended_num_draft
 
-    set_attention_backend(attention_backend)
+    check_backend(attention_backend)
     sampling = SamplingConfig(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
                               repetition_penalty=repetition_penalty,
                               repetition_context_size=repetition_context_size, seed=seed)
     if max_tokens < 1:
         raise MtpError(f"--max-tokens {max_tokens} is out of range: use a value >= 1")
-    if num_draft_tokens is not None and not 1 <= num_draft_tokens <= 8:
-        raise MtpError(f"--num-draft-tokens {num_draft_tokens} is out of range: use 1..8 (or --no-drafter)")
+    k = parse_num_draft(num_draft_tokens)
     texts = _read_prompts_file(prompts_file) if prompts_file else [_read_prompt(prompt)]
     if model is None:
         demo = _demo_paths()
@@ -154,16 +176,9 @@ def generate(
 
         typer.echo(f"mtp-mlx: {DEMO_NOTICE}", err=True)
     pair = load(model, None if no_drafter else drafter, dtype=dtype.value if dtype else None)
-    k = num_draft_tokens
-    if k is None and pair.drafter is not None:
-        k = recommended_num_draft(pair, len(texts))
-        if k is not None:
-            typer.echo(f"mtp-mlx: using the tuned draft length K={k or 'none'} for this pair and machine "
-                       "(mtp-mlx tune; override with --num-draft-tokens or --no-drafter)", err=True)
-    k = DEFAULT_NUM_DRAFT if k is None else k
     ids = [api.format_prompt(pair.tokenizer, t, raw=raw, system=system_prompt) for t in texts]
-    kw = dict(max_tokens=max_tokens, num_draft_tokens=max(k, 1), use_drafter=not no_drafter and k > 0,
-              sampling=sampling, stop=stop)
+    kw = dict(max_tokens=max_tokens, num_draft_tokens=k, use_drafter=not no_drafter and k != 0,
+              sampling=sampling, stop=stop, attention=attention_backend)
     if prompts_file:
         _print_batch(api.batch_generate(pair, ids, **kw))
         return
@@ -176,14 +191,31 @@ def generate(
         _print_stats(last)
 
 
+def parse_num_draft(value: str):
+    """``--num-draft-tokens``: "auto" or an int 0..MAX_DRAFT."""
+    from .limits import MAX_DRAFT, check_num_draft
+
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        k = int(value)
+    except ValueError:
+        raise MtpError(f"--num-draft-tokens {value!r} is not a number: use auto or 1..{MAX_DRAFT}") from None
+    return check_num_draft(k, "--num-draft-tokens")
+
+
 def _read_prompts_file(path: str) -> List[str]:
+    from .limits import MAX_BATCH
+
     try:
         with open(path, encoding="utf-8") as f:
             lines = [line.rstrip("\n") for line in f if line.strip()]
     except OSError as e:
         raise MtpError(f"cannot read --prompts-file {path}: {e.strerror}: pass a text file, one prompt per line")
-    if not 1 <= len(lines) <= 8:
-        raise MtpError(f"--prompts-file {path} has {len(lines)} prompts: batches take 1..8 (one per line)")
+    except UnicodeDecodeError as e:
+        raise MtpError(f"--prompts-file {path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+    if not 1 <= len(lines) <= MAX_BATCH:
+        raise MtpError(f"--prompts-file {path} has {len(lines)} prompts: batches take 1..{MAX_BATCH} (one per line)")
     return [line.replace("\\n", "\n") for line in lines]
 
 
@@ -196,9 +228,10 @@ def _print_batch(resp) -> None:
     err(f"Generation: {sum(len(r.tokens) for r in resp.results)} tokens, "
         f"{resp.generation_tps:.3f} tokens-per-sec (all rows)")
     for i, r in enumerate(resp.results):
-        acc = f", acceptance {100 * r.acceptance_rate:.1f}%" if r.drafted else ""
-        err(f"  [{i + 1}] {len(r.tokens)} tokens, {r.generation_tps:.3f} tokens-per-sec{acc}, "
-            f"{r.tokens_per_forward:.2f} tokens per target forward")
+        s = r.stats
+        acc = f", acceptance {100 * s.acceptance_rate:.1f}%" if s.drafted else ""
+        err(f"  [{i + 1}] {len(r.tokens)} tokens, {s.generation_tps:.3f} tokens-per-sec{acc}, "
+            f"{s.tokens_per_forward:.2f} tokens per target forward")
     err(f"Peak memory: {resp.peak_memory:.3f} GB")
 
 

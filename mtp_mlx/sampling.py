@@ -6,7 +6,10 @@ filtered log-probabilities (``-inf`` outside the kept set) rather than a token.
 """
 
 from dataclasses import dataclass
+import secrets
 from typing import Callable, List, Optional, Sequence
+
+import numpy as np
 
 import mlx.core as mx
 
@@ -111,3 +114,48 @@ def apply_processors(
             lj = proc(seen, lj)
         rows.append(lj)
     return mx.stack(rows, axis=1)
+
+
+# ---- per-row random streams ------------------------------------------------------------------
+# A row's randomness is a pure function of (seed, request index, position, purpose), never of
+# its batch-mates, its join time or the draft length: the same seeded request gives the same
+# output alone or in any batch.
+NOISE_TARGET, NOISE_DRAFT, NOISE_ACCEPT = 0, 1, 2
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser: a bijection on 64-bit ints that scatters nearby inputs."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def stream_key(seed: int, request: int, position: int, purpose: int) -> tuple:
+    """The two uint32 words of the PRNG key for one (seed, request, position, purpose)."""
+    h = _mix64(seed & _MASK64)
+    for part in (request, position, purpose):
+        h = _mix64(h ^ (part & _MASK64))
+    return h >> 32, h & 0xFFFFFFFF
+
+
+def noise_keys(seed: int, request: int, positions, purpose: int) -> mx.array:
+    """PRNG keys [len(positions), 2] uint32 for ``mx.vmap``-ed draws."""
+    words = [stream_key(seed, request, p, purpose) for p in positions]
+    return mx.array(np.array(words, dtype=np.uint32).reshape(len(words), 2))
+
+
+def gumbel(keys: mx.array, vocab: int) -> mx.array:
+    """Standard Gumbel noise [N, V], one row per key."""
+    return mx.vmap(lambda k: mx.random.gumbel(shape=(vocab,), key=k))(keys)
+
+
+def uniform(keys: mx.array) -> mx.array:
+    """One U[0, 1) draw per key [N]."""
+    return mx.vmap(lambda k: mx.random.uniform(shape=(), key=k))(keys)
+
+
+def fresh_seed() -> int:
+    """A seed from the OS's entropy, for requests that give none."""
+    return secrets.randbits(63)

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from .decoding.loop import generate_batch, speculative_generate_batch
+from .decoding.engine import Engine, generate_ids
 
 BATCH_SIZES = (1, 2, 4, 8)
 DRAFT_LENGTHS = (0, 1, 2, 3, 4, 5, 6)  # 0 = no drafter
@@ -49,30 +49,16 @@ def recommended_num_draft(pair, batch_size: int, path: Optional[Path] = None) ->
 
 
 def _one_run(pair, prompts, k, max_tokens) -> Dict:
-    """Decode once; per-row and aggregate tokens/s measured after each row's first token."""
-    if k == 0:
-        steps = generate_batch(pair.target, prompts, max_tokens=max_tokens)
-    else:
-        steps = speculative_generate_batch(pair.target, pair.drafter, prompts, max_tokens=max_tokens, num_draft=k)
-    n = len(prompts)
-    first, last, count = [0.0] * n, [0.0] * n, [0] * n
-    drafted = accepted = forwards = 0
-    for i, step in enumerate(steps):
-        now = time.perf_counter()
-        forwards += i > 0
-        for r, s in step.items():
-            first[r] = first[r] or now
-            last[r] = now
-            count[r] += len(s.tokens)
-            drafted += s.drafted
-            accepted += s.accepted
-    start = min(first)
-    rows = [(c - 1) / (t1 - t0) if t1 > t0 else 0.0 for c, t0, t1 in zip(count, first, last)]
+    """Decode once at a fixed K (0 = no drafter; "auto" = the policy); aggregate and per-row
+    tokens/s measured after each row's first token (``decoding.stats``)."""
+    engine = Engine(pair, use_drafter=k != 0, max_batch=len(prompts))
+    rows = generate_ids(engine, prompts, max_tokens=max_tokens, num_draft=k)
+    t = engine.totals
     return {
-        "aggregate_tps": sum(c - 1 for c in count) / (max(last) - start),
-        "row_tps": statistics.median(rows),
-        "acceptance": accepted / drafted if drafted else None,
-        "tokens_per_forward": sum(c - 1 for c in count) / n / forwards if forwards else None,
+        "aggregate_tps": t.generation_tps,
+        "row_tps": statistics.median(s.generation_tps for _, s in rows),
+        "acceptance": t.acceptance_rate if t.drafted else None,
+        "tokens_per_forward": t.tokens_per_forward if t.row_rounds else None,
     }
 
 

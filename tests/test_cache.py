@@ -6,7 +6,7 @@ import pytest
 
 from mtp_mlx.cache import LayerCache
 from mtp_mlx.errors import MtpError
-from mtp_mlx.ops.verify_attention import visibility_mask
+from mtp_mlx.ops.attention import visibility_mask
 
 
 def _kv(start, n, d=4):

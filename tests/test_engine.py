@@ -1,17 +1,15 @@
-"""The speculative loop's invariants on tiny random targets, independent of checkpoints:
-greedy speculative output == plain greedy output, across sliding-window wraps, with rounds
-of full, partial and zero acceptance; budgets and EOS are exact."""
+"""The engine's invariants on tiny random targets, independent of checkpoints: greedy
+speculative output == plain greedy output, across sliding-window wraps, with rounds of full,
+partial and zero acceptance; budgets and EOS are exact; rows join and leave a running batch
+without changing anyone's output; K may change every round."""
 
 import mlx.core as mx
 import pytest
 
+from mtp_mlx.decoding.engine import Engine, Request, bare_pair
 from mtp_mlx.errors import MtpError
-from mtp_mlx.decoding.loop import generate_step, speculative_generate_step
+from tests.decode import plain, rounds, run, spec
 from tests.tiny import tiny_drafter, tiny_target
-
-
-def _tokens(steps):
-    return [t for s in steps for t in s.tokens]
 
 
 class ScriptedDrafter:
@@ -22,7 +20,7 @@ class ScriptedDrafter:
         self.ref, self.vocab = reference, vocab
         self.q, self.j = None, 0
 
-    def __call__(self, emb, hidden, kv, q_pos, masks):
+    def __call__(self, emb, hidden, kv, q_pos, masks, attn_backend="auto"):
         q = q_pos.item()  # test-only host sync
         self.j = 0 if q != self.q else self.j + 1
         self.q = q
@@ -40,47 +38,47 @@ class ScriptedDrafter:
 def test_greedy_spec_equals_plain_with_mixed_acceptance(kind):
     target = tiny_target(kind, window=8)
     prompt = list(range(5, 5 + 21))  # longer than the window
-    plain = _tokens(generate_step(target, prompt, max_tokens=520))
-    assert len(plain) == 520
-    drafter = ScriptedDrafter(prompt + plain, target.cfg.vocab_size)
-    steps = list(speculative_generate_step(target, drafter, prompt, max_tokens=520, num_draft=4))
-    assert _tokens(steps) == plain
-    rounds = [(s.drafted, s.accepted) for s in steps[1:]]
-    assert any(a == d for d, a in rounds), "no fully accepted round"
-    assert any(a == 0 for d, a in rounds), "no zero-acceptance round"
-    assert any(0 < a < d for d, a in rounds), "no partial round"
+    ref = plain(target, prompt, 520)
+    assert len(ref) == 520
+    drafter = ScriptedDrafter(prompt + ref, target.cfg.vocab_size)
+    (toks,), (events,) = run(target, drafter, [prompt], 520, num_draft=4)
+    assert toks == ref
+    rr = rounds(events)
+    assert any(a == d for d, a in rr), "no fully accepted round"
+    assert any(a == 0 for d, a in rr), "no zero-acceptance round"
+    assert any(0 < a < d for d, a in rr), "no partial round"
     # From-draft flags match the accepted counts.
-    assert all(sum(s.from_draft) == min(s.accepted, len(s.tokens)) for s in steps)
+    assert all(sum(e.from_draft) == min(e.accepted, len(e.tokens)) for e in events)
 
 
-@pytest.mark.parametrize("position", ["A", "B", "hf"])
+@pytest.mark.parametrize("position", ["A", "B"])
 @pytest.mark.parametrize("k", [1, 3, 8])
 def test_greedy_spec_equals_plain_real_drafter(position, k):
     target = tiny_target("e2b", window=8)
     drafter = tiny_drafter(target)
     prompt = list(range(3, 40))
-    plain = _tokens(generate_step(target, prompt, max_tokens=64))
-    spec = _tokens(speculative_generate_step(target, drafter, prompt, max_tokens=64, num_draft=k, position=position))
-    assert spec == plain
+    assert spec(target, drafter, prompt, 64, k, position=position) == plain(target, prompt, 64)
 
 
 def test_max_tokens_exact_and_eos_stops():
     target = tiny_target("e2b")
     prompt = [7, 8, 9]
-    plain = _tokens(generate_step(target, prompt, max_tokens=30))
-    drafter = ScriptedDrafter(prompt + plain, target.cfg.vocab_size)
+    ref = plain(target, prompt, 30)
+    drafter = ScriptedDrafter(prompt + ref, target.cfg.vocab_size)
     for n in (1, 2, 5, 17):
-        assert _tokens(speculative_generate_step(target, drafter, prompt, max_tokens=n, num_draft=4)) == plain[:n]
-    eos = plain[10]
-    cut = plain.index(eos)
-    spec = list(speculative_generate_step(target, drafter, prompt, max_tokens=30, num_draft=4, eos_ids=[eos]))
-    assert _tokens(spec) == plain[:cut] and spec[-1].finish_reason == "stop"
+        assert spec(target, drafter, prompt, n, 4) == ref[:n]
+    eos = ref[10]
+    cut = ref.index(eos)
+    (toks,), (events,) = run(target, drafter, [prompt], 30, 4, eos_ids=[eos])
+    assert toks == ref[:cut] and events[-1].finish_reason == "stop"
 
 
-@pytest.mark.parametrize("bad", [dict(prompt=[]), dict(max_tokens=0), dict(num_draft=9)])
-def test_bad_arguments_raise_one_line(bad):
+@pytest.mark.parametrize("bad", [dict(prompt=[]), dict(max_tokens=0), dict(num_draft=9), dict(prompt=[1, 10**6]),
+                                 dict(max_tokens=5000), dict(logprobs=21)])
+def test_bad_requests_raise_one_line(bad):
     target = tiny_target("e2b")
     args = dict(prompt=[1, 2], max_tokens=4, num_draft=2) | bad
+    engine = Engine(bare_pair(target, tiny_drafter(target)))
     with pytest.raises(MtpError) as e:
-        list(speculative_generate_step(target, tiny_drafter(target), args.pop("prompt"), **args))
+        engine.submit(Request(**args))
     assert "\n" not in str(e.value)

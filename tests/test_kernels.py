@@ -16,7 +16,7 @@ import pytest
 import mtp_mlx.ops  # noqa: F401
 from mtp_mlx.errors import MtpError
 
-va = sys.modules["mtp_mlx.ops.verify_attention"]
+va = sys.modules["mtp_mlx.ops.attention"]
 ROOT = Path(__file__).resolve().parents[1]
 needs_cxx = pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler")
 off_metal = pytest.mark.skipif(mx.metal.is_available(), reason="checks the behaviour without Metal")
@@ -31,12 +31,6 @@ def checker():
     return mod
 
 
-@pytest.fixture
-def backend():
-    yield va.set_attention_backend
-    va.set_attention_backend("auto")
-
-
 def small_inputs(batch=2, n_heads=4, n_kv=2, n_q=3, n_k=10, head_dim=64, dtype=mx.float32):
     q = mx.random.normal((batch, n_heads, n_q, head_dim), key=mx.random.key(0)).astype(dtype)
     k = mx.random.normal((batch, n_kv, n_k, head_dim), key=mx.random.key(1)).astype(dtype)
@@ -49,33 +43,30 @@ def small_inputs(batch=2, n_heads=4, n_kv=2, n_q=3, n_k=10, head_dim=64, dtype=m
 # --- dispatch -----------------------------------------------------------------------------------
 
 @off_metal
-def test_auto_dispatch_takes_the_reference_off_metal(backend):
+def test_auto_dispatch_takes_the_reference_off_metal():
     q, k, v, q_pos, k_pos = small_inputs()
     for name in ("auto", "reference"):
-        backend(name)
-        got = va.verify_attention(q, k, v, q_pos=q_pos, k_pos=k_pos, window=4, scale=0.125)
-        want = va.verify_attention_ref(q, k, v, q_pos=q_pos, k_pos=k_pos, window=4, scale=0.125)
+        got = va.attention(q, k, v, q_pos=q_pos, k_pos=k_pos, window=4, scale=0.125, backend=name)
+        want = va.attention_ref(q, k, v, q_pos=q_pos, k_pos=k_pos, window=4, scale=0.125)
         assert mx.array_equal(got, want)
 
 
 @off_metal
-def test_forcing_metal_off_metal_raises(backend):
+def test_forcing_metal_off_metal_raises():
     q, k, v, q_pos, k_pos = small_inputs()
-    backend("metal")
-    assert va.attention_backend() == "metal"
     with pytest.raises(MtpError, match="needs Metal"):
-        va.verify_attention(q, k, v, q_pos=q_pos, k_pos=k_pos)
+        va.attention(q, k, v, q_pos=q_pos, k_pos=k_pos, backend="metal")
     with pytest.raises(MtpError, match="needs Metal"):
-        va.verify_attention_metal(q, k, v, q_pos=q_pos, k_pos=k_pos)
-    # use_kernel=False still means the reference, whatever the backend
-    got = va.verify_attention(q, k, v, q_pos=q_pos, k_pos=k_pos, use_kernel=False)
-    assert mx.array_equal(got, va.verify_attention_ref(q, k, v, q_pos=q_pos, k_pos=k_pos))
+        va.attention_metal(q, k, v, q_pos=q_pos, k_pos=k_pos)
+    # "reference" is the reference whatever the machine
+    got = va.attention(q, k, v, q_pos=q_pos, k_pos=k_pos, backend="reference")
+    assert mx.array_equal(got, va.attention_ref(q, k, v, q_pos=q_pos, k_pos=k_pos))
 
 
-def test_unknown_backend_is_rejected(backend):
+def test_unknown_backend_is_rejected():
     with pytest.raises(MtpError, match="unknown attention backend"):
-        backend("cuda")
-    assert va.attention_backend() == "auto"
+        va.check_backend("cuda")
+    assert va.check_backend("reference") == "reference"
 
 
 def test_supported_shapes():

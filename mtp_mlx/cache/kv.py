@@ -1,7 +1,7 @@
 """The target's KV cache, which the drafter reads in place.
 
 Every slot carries the absolute position of the token it holds (``-1`` = empty), so one
-masking rule (``mtp_mlx.ops.verify_attention``) serves full layers, sliding rings that have
+masking rule (``mtp_mlx.ops.attention``) serves full layers, sliding rings that have
 wrapped, rolled-back tails and ragged batches (each row has its own length). Rollback is
 O(1) in host work: per-row offsets move back and the rejected slots are marked empty; it
 raises rather than trim less than asked.
@@ -158,6 +158,26 @@ class LayerCache:
         self.offsets = [self.offsets[r] for r in rows]
         self._since_write = [self._since_write[r] for r in rows]
 
+    def copy_rows(self, rows: Sequence[int]) -> "LayerCache":
+        """A new cache holding copies of these rows (later writes to either do not show in
+        the other: MLX gathers make new arrays)."""
+        out = LayerCache(self.window, self.max_draft, self.step)
+        idx = mx.array(list(rows), dtype=mx.int32)
+        out.keys, out.values, out.pos = self.keys[idx], self.values[idx], self.pos[idx]
+        out.offsets = [self.offsets[r] for r in rows]
+        out._since_write = [0] * len(out.offsets)
+        return out
+
+    def rewind(self, length: int) -> None:
+        """Keep each row's first ``length`` positions (a prefix-cache hit on a shorter prefix).
+        A ring can go back at most ``max_draft`` positions: older slots were overwritten."""
+        for o in self.offsets:
+            if length > o or (self.window and o - length > self.max_draft):
+                raise MtpError(f"[LayerCache] cannot rewind a row of {o} positions to {length}")
+        self.offsets = [length] * len(self.offsets)
+        self._since_write = [0] * len(self.offsets)
+        self.pos = mx.where(self.pos >= length, -1, self.pos)
+
     @classmethod
     def stack(cls, parts: Sequence["LayerCache"]) -> "LayerCache":
         """Join caches of separately prefilled row groups into one batch."""
@@ -183,7 +203,7 @@ class TargetCache:
 
     def __init__(self, layers: Dict[int, LayerCache], producers: Dict[str, int]):
         self.layers = layers
-        self.producers = producers  # layer type -> producer layer index (spec §1.1)
+        self.producers = producers  # layer type -> the last target layer of that type that owns K/V
 
     @property
     def offsets(self) -> List[int]:
@@ -203,6 +223,18 @@ class TargetCache:
     def select(self, rows: Sequence[int]) -> None:
         for c in self.layers.values():
             c.select(rows)
+
+    def rewind(self, length: int) -> None:
+        for c in self.layers.values():
+            c.rewind(length)
+
+    def can_rewind(self, length: int) -> bool:
+        """Whether ``rewind(length)`` can keep every layer valid."""
+        return all(length <= o and (not c.window or o - length <= c.max_draft)
+                   for c in self.layers.values() for o in c.offsets)
+
+    def copy_rows(self, rows: Sequence[int]) -> "TargetCache":
+        return TargetCache({i: c.copy_rows(rows) for i, c in self.layers.items()}, self.producers)
 
     @classmethod
     def stack(cls, parts: Sequence["TargetCache"]) -> "TargetCache":

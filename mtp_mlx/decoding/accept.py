@@ -1,4 +1,16 @@
-"""Acceptance rules: pure functions of (draft tokens, distributions), no host syncs."""
+"""Acceptance rules: pure functions of (draft tokens, distributions, noise), no host syncs.
+
+Greedy: drafts equal to the target's argmax are kept. Sampled, two lossless rules:
+  * rejection sampling (``accept_sampled`` / ``accept_rejection``): the most accepting rule,
+    used for unseeded rows; its output depends on K, so a seed would not reproduce a run
+    whose draft lengths differ;
+  * the coupled rule (``accept_coupled``): the target's token at position t is
+    argmax(log p_t + g_t) with Gumbel noise g_t drawn from (seed, request, t); the drafter
+    proposes argmax(log q_t + g_t) with the *same* noise, and a draft is kept iff it equals the
+    target's token. Every emitted token is exactly plain Gumbel-max sampling from p, so a
+    seeded request's output does not depend on K, the drafter, its batch-mates or when it
+    joined; it accepts less than rejection sampling when p and q differ.
+"""
 
 from typing import Tuple
 
@@ -6,7 +18,7 @@ import mlx.core as mx
 
 
 def accept_greedy(drafts: mx.array, target_logits: mx.array) -> Tuple[mx.array, mx.array, mx.array]:
-    """Greedy verification (spec §6.4).
+    """Greedy verification.
 
     drafts [B, K]; target_logits [B, K+1, V] from the verify pass over [bonus, d_1..d_K].
     Draft d_i is accepted while it equals argmax of verify position i-1; the token after
@@ -34,17 +46,35 @@ def accept_sampled(
     """
     B, K = drafts.shape
     k_accept, k_next = mx.random.split(key)
+    u = mx.random.uniform(shape=(B, K), key=k_accept)
+    g = mx.random.gumbel(shape=p_logp.shape, key=k_next)
+    return accept_rejection(drafts, q_logp, p_logp, u, g)
+
+
+def accept_rejection(drafts: mx.array, q_logp: mx.array, p_logp: mx.array, u: mx.array, g: mx.array):
+    """``accept_sampled`` with its noise given: uniforms u [B, K] for the accept tests and
+    Gumbel noise g [B, K+1, V], one per verify position, of which the position after the
+    accepted run draws the next token. Returns (n [B], next [B])."""
+    B, K = drafts.shape
     d = drafts[..., None].astype(mx.int32)
     p_d = mx.exp(mx.take_along_axis(p_logp[:, :K], d, axis=-1))[..., 0]  # p_{i-1}(d_i)
     q_d = mx.exp(mx.take_along_axis(q_logp, d, axis=-1))[..., 0]  # q_i(d_i)
-    u = mx.random.uniform(shape=(B, K), key=k_accept)
     ok = (u * q_d < p_d).astype(mx.int32)  # u < p/q without dividing by q
     n = mx.cumprod(ok, axis=1).sum(axis=1) if K else mx.zeros((B,), mx.int32)
-    return n, residual_draw(n, q_logp, p_logp, k_next)
+    g_n = mx.take_along_axis(g, n[:, None, None], axis=1)[:, 0]
+    return n, residual_draw(n, q_logp, p_logp, g_n)
 
 
-def residual_draw(n: mx.array, q_logp: mx.array, p_logp: mx.array, key: mx.array) -> mx.array:
-    """The token after n accepted drafts: from norm(max(p_n - q_{n+1}, 0)) if n < K, else p_K."""
+def accept_coupled(drafts: mx.array, p_logp: mx.array, g: mx.array) -> Tuple[mx.array, mx.array, mx.array]:
+    """The coupled rule: g [B, K+1, V] is the Gumbel noise of each verify position's token
+    (the same noise the drafts were drawn with). Returns (n [B], next [B], the target's
+    token at every verify position [B, K+1])."""
+    return accept_greedy(drafts, p_logp + g)
+
+
+def residual_draw(n: mx.array, q_logp: mx.array, p_logp: mx.array, g: mx.array) -> mx.array:
+    """The token after n accepted drafts: from norm(max(p_n - q_{n+1}, 0)) if n < K, else p_K,
+    drawn by Gumbel-max with the noise g [B, V]."""
     K = q_logp.shape[1]
     p_n = mx.exp(mx.take_along_axis(p_logp, n[:, None, None], axis=1)[:, 0])  # [B, V]
     if K:
@@ -56,7 +86,7 @@ def residual_draw(n: mx.array, q_logp: mx.array, p_logp: mx.array, key: mx.array
         resid = mx.where(resid.sum(axis=-1, keepdims=True) > 0, resid, p_n)
     else:
         resid = p_n
-    return mx.random.categorical(mx.log(resid), axis=-1, key=key).astype(mx.int32)
+    return mx.argmax(mx.log(resid) + g, axis=-1).astype(mx.int32)
 
 
 def accept_exact_match(

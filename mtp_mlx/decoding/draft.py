@@ -16,7 +16,7 @@ import mlx.core as mx
 
 from ..cache import KVView, TargetCache
 from ..models.gemma4_assistant import DraftMask
-from ..ops.verify_attention import visibility_mask
+from ..ops.attention import visibility_mask
 
 POSITIONS = ("A", "B", "hf")
 

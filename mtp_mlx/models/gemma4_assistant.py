@@ -17,8 +17,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..cache import KVView
-from ..ops import verify_attention
-from ..ops.verify_attention import visibility_mask
+from ..ops import attention
+from ..ops.attention import visibility_mask
 from .config import DrafterConfig
 from .layers import MLP, RMSNorm, apply_rope, rope_inv_freq, rope_periods
 
@@ -44,13 +44,13 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
         self.o_proj = nn.Linear(self.n_heads * hd, H, bias=False)
 
-    def __call__(self, x, offsets, periods, kv: KVView, mask: DraftMask, dense_mask, use_kernel=True):
+    def __call__(self, x, offsets, periods, kv: KVView, mask: DraftMask, dense_mask, attn_backend="auto"):
         B, L, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim))
         q = apply_rope(q.transpose(0, 2, 1, 3), offsets, periods)
-        o = verify_attention(
+        o = attention(
             q, kv.keys, kv.values, q_pos=mask.q, k_pos=kv.pos, window=mask.window,
-            scale=1.0, use_kernel=use_kernel, mask=dense_mask,
+            scale=1.0, backend=attn_backend, mask=dense_mask,
         )
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
@@ -68,9 +68,9 @@ class DecoderLayer(nn.Module):
         self.post_feedforward_layernorm = RMSNorm(H, cfg.rms_norm_eps)
         self.layer_scalar = mx.ones((1,))
 
-    def __call__(self, x, offsets, periods, kv, mask, dense_mask, use_kernel=True):
+    def __call__(self, x, offsets, periods, kv, mask, dense_mask, attn_backend="auto"):
         x = x + self.post_attention_layernorm(
-            self.self_attn(self.input_layernorm(x), offsets, periods, kv, mask, dense_mask, use_kernel)
+            self.self_attn(self.input_layernorm(x), offsets, periods, kv, mask, dense_mask, attn_backend)
         )
         x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         return x * self.layer_scalar.astype(x.dtype)
@@ -131,7 +131,7 @@ class Model(nn.Module):
         kv: Dict[str, KVView],
         q_pos: mx.array,
         masks: Dict[str, DraftMask],
-        use_kernel: bool = True,
+        attn_backend: str = "auto",
     ) -> Tuple[mx.array, mx.array]:
         """One draft step.
 
@@ -147,7 +147,7 @@ class Model(nn.Module):
         }
         for layer in self.model.layers:
             t = layer.layer_type
-            x = layer(x, offsets, self._periods[t], kv[t], masks[t], dense[t], use_kernel)
+            x = layer(x, offsets, self._periods[t], kv[t], masks[t], dense[t], attn_backend)
         hd = self.model.norm(x)
         return hd, self.post_projection(hd)
 

@@ -18,8 +18,8 @@ import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchGLU
 
 from ..cache import KVView, TargetCache, make_target_cache
-from ..ops import verify_attention
-from ..ops.verify_attention import visibility_mask
+from ..ops import attention
+from ..ops.attention import visibility_mask
 from .config import TextConfig
 from .layers import MLP, RMSNorm, apply_rope, rope_inv_freq, rope_periods, scaled_embed_factor, softcap
 
@@ -113,13 +113,13 @@ class Attention(nn.Module):
         v = mx.fast.rms_norm(v, None, self.eps)
         return k, v.transpose(0, 2, 1, 3)
 
-    def __call__(self, x, offsets, periods, q_pos, kv: KVView, mask, use_kernel: bool = True):
+    def __call__(self, x, offsets, periods, q_pos, kv: KVView, mask, attn_backend: str = "auto"):
         B, L, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim))
         q = apply_rope(q.transpose(0, 2, 1, 3), offsets, periods)
-        o = verify_attention(
+        o = attention(
             q, kv.keys, kv.values, q_pos=q_pos, k_pos=kv.pos, window=self.window,
-            scale=1.0, use_kernel=use_kernel, mask=mask,
+            scale=1.0, backend=attn_backend, mask=mask,
         )
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
@@ -149,9 +149,9 @@ class DecoderLayer(nn.Module):
             self.post_per_layer_input_norm = RMSNorm(H, cfg.rms_norm_eps)
         self.layer_scalar = mx.ones((1,))
 
-    def __call__(self, h, offsets, periods, q_pos, kv, mask, ple_i=None, use_kernel=True):
+    def __call__(self, h, offsets, periods, q_pos, kv, mask, ple_i=None, attn_backend="auto"):
         h = h + self.post_attention_layernorm(
-            self.self_attn(self.input_layernorm(h), offsets, periods, q_pos, kv, mask, use_kernel)
+            self.self_attn(self.input_layernorm(h), offsets, periods, q_pos, kv, mask, attn_backend)
         )
         r = h
         y = self.mlp(self.pre_feedforward_layernorm(h))
@@ -216,7 +216,7 @@ class Model(nn.Module):
         ids: mx.array,
         cache: TargetCache,
         logits_from: Optional[int] = None,
-        use_kernel: bool = True,
+        attn_backend: str = "auto",
     ) -> TargetOut:
         """Run L tokens per row at positions offsets[b] .. offsets[b]+L-1, updating the cache.
 
@@ -241,7 +241,7 @@ class Model(nn.Module):
             if t not in masks:
                 masks[t] = visibility_mask(q_pos, kv.pos, attn.window)
             h = layer(h, offsets, self._periods[t], q_pos, kv, masks[t],
-                      None if ple is None else ple[:, :, i], use_kernel)
+                      None if ple is None else ple[:, :, i], attn_backend)
         if logits_from:
             h = h[:, logits_from:]
         hidden = self.norm(h)

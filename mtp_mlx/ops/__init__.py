@@ -1,17 +1,5 @@
 """Device ops with a pure-MLX reference beside every custom kernel."""
 
-from .verify_attention import (
-    attention_backend,
-    set_attention_backend,
-    verify_attention,
-    verify_attention_metal,
-    verify_attention_ref,
-)
+from .attention import ATTENTION_BACKENDS, attention, attention_metal, attention_ref, check_backend
 
-__all__ = [
-    "attention_backend",
-    "set_attention_backend",
-    "verify_attention",
-    "verify_attention_metal",
-    "verify_attention_ref",
-]
+__all__ = ["ATTENTION_BACKENDS", "attention", "attention_metal", "attention_ref", "check_backend"]

@@ -6,9 +6,11 @@ query its own (``q_pos``). Key ``j`` is visible to query ``i`` of row ``b`` iff
 One rule covers prefill, the K+1-position verify chunk, ring buffers that have wrapped
 (slots in physical order), ragged batches and the drafter's single query.
 
-Two implementations: ``verify_attention_ref`` (pure MLX, runs everywhere) and a fused Metal
-kernel (``kernels/verify_attention.metal``, launched by ``verify_attention_metal``).
-``verify_attention`` picks one; ``set_attention_backend`` forces either.
+It serves every attention call of the target and the drafter (prefill, the K+1 verify
+chunk, one-token decode steps, draft steps). Two implementations: ``attention_ref`` (pure
+MLX, runs everywhere) and a fused Metal kernel (``kernels/verify_attention.metal``, launched
+by ``attention_metal``). ``attention`` picks one from its ``backend`` argument, which callers
+pass down from the engine: there is no process-global switch.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def visibility_mask(q_pos: mx.array, k_pos: mx.array, window: int) -> mx.array:
     return mask
 
 
-def verify_attention_ref(
+def attention_ref(
     q: mx.array,
     k: mx.array,
     v: mx.array,
@@ -59,29 +61,17 @@ def verify_attention_ref(
 
 
 # ---------------------------------------------------------------------------------------------
-# Backend selection: one switch, read here and nowhere else.
+# Backend names: chosen by the caller and passed down (engine -> model -> layer -> here)
 # ---------------------------------------------------------------------------------------------
 
 ATTENTION_BACKENDS = ("auto", "reference", "metal")
-_backend = "auto"
 
 
-def set_attention_backend(name: str) -> None:
-    """Choose the attention implementation for every later ``verify_attention`` call.
-
-    ``"auto"`` (default): the Metal kernel where Metal is available and the shapes are
-    supported, else the reference. ``"reference"``: always the pure-MLX reference.
-    ``"metal"``: always the kernel; calls raise ``MtpError`` where it cannot run.
-    """
-    global _backend
+def check_backend(name: str) -> str:
+    """``name`` if it is a known attention backend, else a one-line ``MtpError``."""
     if name not in ATTENTION_BACKENDS:
-        raise MtpError(f"unknown attention backend {name!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
-    _backend = name
-
-
-def attention_backend() -> str:
-    """The backend set by ``set_attention_backend`` ("auto" unless changed)."""
-    return _backend
+        raise MtpError(f"unknown attention backend {name!r}: choose one of {', '.join(ATTENTION_BACKENDS)}")
+    return name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,7 +180,7 @@ def kernel_inputs(q, k, v, *, q_pos, k_pos, window: int, scale: float) -> list[m
     return [q, k, v, q_pos, k_pos, mx.array([int(window)], dtype=mx.int32), mx.array([float(scale)], dtype=mx.float32)]
 
 
-def verify_attention_metal(
+def attention_metal(
     q: mx.array,
     k: mx.array,
     v: mx.array,
@@ -200,7 +190,7 @@ def verify_attention_metal(
     window: int = 0,
     scale: float = 1.0,
 ) -> mx.array:
-    """The fused Metal kernel; same contract as ``verify_attention_ref`` (no-key rows get zeros)."""
+    """The fused Metal kernel; same contract as ``attention_ref`` (no-key rows get zeros)."""
     if not mx.metal.is_available():
         raise MtpError(
             "the Metal verify-attention kernel needs Metal, which is not available on this machine "
@@ -221,7 +211,7 @@ def verify_attention_metal(
     return out
 
 
-def verify_attention(
+def attention(
     q: mx.array,
     k: mx.array,
     v: mx.array,
@@ -230,26 +220,17 @@ def verify_attention(
     k_pos: mx.array,
     window: int = 0,
     scale: float = 1.0,
-    use_kernel: bool = True,
+    backend: str = "auto",
     mask: Optional[mx.array] = None,
 ) -> mx.array:
-    """Dispatch: the fused Metal kernel when available and allowed, else the reference.
-    ``mask`` (optional, reference path only) is a precomputed ``visibility_mask``; the
-    kernel computes visibility from the positions itself.
-
-    ``use_kernel=False`` always takes the reference. Otherwise the backend set with
-    ``set_attention_backend`` decides: "metal" always takes the kernel (raising where it cannot
+    """Dispatch on ``backend``: "metal" always takes the kernel (raising where it cannot
     run), "reference" never does, "auto" takes it when Metal is available and the shapes are
-    supported.
+    supported. ``mask`` (optional, reference path only) is a precomputed ``visibility_mask``;
+    the kernel computes visibility from the positions itself.
     """
     args = {"q_pos": q_pos, "k_pos": k_pos, "window": window, "scale": scale}
-    if use_kernel and _backend == "metal":
-        return verify_attention_metal(q, k, v, **args)
-    if (
-        use_kernel
-        and _backend == "auto"
-        and mx.metal.is_available()
-        and kernel_unsupported_reason(q, k, v, q_pos, k_pos) is None
-    ):
-        return verify_attention_metal(q, k, v, **args)
-    return verify_attention_ref(q, k, v, mask=mask, **args)
+    if backend == "metal":
+        return attention_metal(q, k, v, **args)
+    if backend == "auto" and mx.metal.is_available() and kernel_unsupported_reason(q, k, v, q_pos, k_pos) is None:
+        return attention_metal(q, k, v, **args)
+    return attention_ref(q, k, v, mask=mask, **args)

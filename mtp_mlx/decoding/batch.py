@@ -1,0 +1,409 @@
+"""The running batch, device side: token ids in, token ids out, one round per ``step``.
+
+A ``Batch`` holds the rows being decoded (their shared target cache, each row's bonus token
+and last hidden state) and the rows being prefilled. Between rounds the engine may
+``insert`` new rows (prefilled in slices, at most one slice per round, then merged into the
+running batch with their first token and hidden state, so they draft in their very next
+round) and ``remove`` rows (they leave before the next forward). ``step(ks)`` runs one round:
+draft k_b tokens per row (the round drafts max k_b; a row's drafts past its own k_b are
+never accepted), verify all rows' chunks in one target forward, accept each row's agreeing
+prefix plus one target token, and roll back each row's rejected rest. One host
+synchronisation per round (marked ``# sync``).
+
+Greedy rows take the target's argmax. Sampled rows draw with Gumbel noise keyed by
+(seed, request, position, purpose) (``mtp_mlx.sampling``): seeded rows use the coupled rule,
+unseeded rows rejection sampling (``mtp_mlx.decoding.accept``); both are lossless.
+
+Not here: tokenizing, detokenizing, stop strings, budgets, EOS, statistics and the choice of
+K (``mtp_mlx.decoding.engine``).
+"""
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import mlx.core as mx
+
+from ..cache import TargetCache
+from ..limits import MAX_BATCH, MAX_DRAFT, PREFILL_STEP
+from ..sampling import (
+    NOISE_ACCEPT,
+    NOISE_DRAFT,
+    NOISE_TARGET,
+    SamplingConfig,
+    apply_processors,
+    gumbel,
+    log_probs,
+    noise_keys,
+    uniform,
+)
+from .accept import accept_coupled, accept_greedy, accept_rejection
+from .draft import draft_context
+
+
+@dataclass
+class RowSpec:
+    """What a new row needs: its prompt (token ids), sampling settings and random stream."""
+
+    uid: int
+    prompt: List[int]
+    sampling: SamplingConfig = SamplingConfig()
+    seed: int = 0  # resolved by the engine (fresh entropy when the request gave none)
+    request_index: int = 0
+    coupled: bool = False  # the coupled rule (seeded requests) instead of rejection sampling
+    processors: Sequence = ()
+    logprobs: Optional[int] = None  # top alternatives per token; None = no logprobs
+
+
+@dataclass
+class TokenLogprob:
+    """The target's log-probability of an emitted token, and the top alternatives."""
+
+    token: int
+    logprob: float
+    top: List[tuple] = field(default_factory=list)  # [(token, logprob)], most likely first
+
+
+@dataclass
+class RowOut:
+    """What one round gave one row: ``tokens`` = the accepted drafts then the target's own."""
+
+    tokens: List[int]
+    drafted: int = 0
+    accepted: int = 0
+    first: bool = False  # the prefill's token (no round)
+    logprobs: Optional[List[TokenLogprob]] = None
+
+
+class _Row:
+    """Host state of one row: its spec and committed tokens (the bonus excluded)."""
+
+    def __init__(self, spec: RowSpec):
+        self.spec = spec
+        self.cfg = spec.sampling
+        self.processors = list(spec.processors) + spec.sampling.processors()
+        self.history: List[int] = list(spec.prompt[:-1])
+        self.bonus: int = -1  # the newest emitted token (host copy of Batch.bonus)
+
+    @property
+    def uid(self) -> int:
+        return self.spec.uid
+
+    def processed(self, chunk: mx.array, logits: mx.array, prefix: Optional[mx.array] = None) -> mx.array:
+        """Logits [1, L, V] after this row's processors: position j sees the history, then
+        ``prefix`` [n], then chunk[:j+1] (chunk [L] int32)."""
+        if not self.processors:
+            return logits
+        hist = mx.array(self.history, dtype=mx.int32)
+        if prefix is not None:
+            hist = mx.concatenate([hist, prefix.astype(mx.int32)])
+        return apply_processors(self.processors, hist, chunk, logits)
+
+    def noise(self, positions: Sequence[int], purpose: int, vocab: int) -> mx.array:
+        return gumbel(noise_keys(self.spec.seed, self.spec.request_index, positions, purpose), vocab)
+
+    def uniforms(self, positions: Sequence[int]) -> mx.array:
+        return uniform(noise_keys(self.spec.seed, self.spec.request_index, positions, NOISE_ACCEPT))
+
+    def pick(self, logits: mx.array, chunk: mx.array, position: int) -> mx.array:
+        """The token [1] at ``position`` from the last row of logits [1, L, V]."""
+        last = self.processed(chunk, logits)[:, -1]
+        if self.cfg.greedy:
+            return mx.argmax(last, axis=-1).astype(mx.int32)
+        lp = log_probs(last, self.cfg)
+        return mx.argmax(lp + self.noise([position], NOISE_TARGET, lp.shape[-1]), axis=-1).astype(mx.int32)
+
+
+class _Prefill:
+    """Rows of equal prompt length prefilled together into their own cache."""
+
+    def __init__(self, rows: List[_Row], cache: TargetCache, start: int = 0):
+        self.rows = rows
+        self.cache = cache
+        self.done = start  # prompt tokens already in the cache
+        self.ids = mx.array([r.spec.prompt for r in rows], dtype=mx.int32)
+
+    @property
+    def length(self) -> int:
+        return len(self.rows[0].spec.prompt)
+
+
+class Batch:
+    """Rows decoded together; see the module docstring."""
+
+    def __init__(self, target, drafter=None, *, position: str = "B", attention: str = "auto"):
+        self.target = target
+        self.drafter = drafter
+        self.position = position
+        self.attention = attention
+        self.window = target.cfg.sliding_window
+        self.rows: List[_Row] = []
+        self.cache: Optional[TargetCache] = None
+        self.bonus: Optional[mx.array] = None  # [B, 1] the newest emitted token, not yet in the cache
+        self.hidden: Optional[mx.array] = None  # [B, 1, H] the target hidden state that produced it
+        self.pending: deque = deque()  # _Prefill jobs, oldest first
+        self._joined: Optional[tuple] = None  # (rows, cache, bonus, hidden) merged at the next boundary
+
+    # ---- membership ----------------------------------------------------------------------
+    @property
+    def uids(self) -> List[int]:
+        """Running rows, in batch order."""
+        return [r.uid for r in self.rows]
+
+    @property
+    def prefilling(self) -> List[int]:
+        return [r.uid for job in self.pending for r in job.rows]
+
+    def insert(self, spec: RowSpec, cache: Optional[TargetCache] = None, cached: int = 0) -> None:
+        """Queue a row for prefill. ``cache``: a one-row cache already holding the first
+        ``cached`` prompt tokens (a prefix-cache hit); the rest is prefilled."""
+        row = _Row(spec)
+        if cache is None:
+            for job in self.pending:
+                if job.done == 0 and job.length == len(spec.prompt) and len(job.rows) < MAX_BATCH:
+                    job.rows.append(row)
+                    job.ids = mx.array([r.spec.prompt for r in job.rows], dtype=mx.int32)
+                    return
+            cache = self.target.make_cache(max_draft=MAX_DRAFT)
+        self.pending.append(_Prefill([row], cache, cached))
+
+    def remove(self, uids) -> None:
+        """Rows leave now (call between rounds); unknown or finished uids are ignored."""
+        uids = set(uids)
+        self.pending = deque(j for j in self._drop_pending(uids) if j.rows)
+        keep = [b for b, r in enumerate(self.rows) if r.uid not in uids]
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self.rows, self.cache, self.bonus, self.hidden = [], None, None, None
+            return
+        self.rows = [self.rows[b] for b in keep]
+        self.cache.select(keep)
+        sel = mx.array(keep)
+        self.bonus, self.hidden = self.bonus[sel], self.hidden[sel]
+
+    def _drop_pending(self, uids):
+        for job in self.pending:
+            keep = [i for i, r in enumerate(job.rows) if r.uid not in uids]
+            if len(keep) < len(job.rows) and keep:
+                job.rows = [job.rows[i] for i in keep]
+                job.ids = job.ids[mx.array(keep)]
+                if job.done:
+                    job.cache.select(keep)
+            elif not keep:
+                job.rows = []
+            yield job
+
+    def row_cache(self, uid: int) -> TargetCache:
+        """A one-row copy of a running row's cache (its committed tokens; for the prefix cache)."""
+        b = self.uids.index(uid)
+        return self.cache.copy_rows([b])
+
+    def offsets(self) -> Dict[int, int]:
+        """Committed tokens per running row (the bonus excluded)."""
+        return dict(zip(self.uids, self.cache.offsets)) if self.rows else {}
+
+    # ---- one round ------------------------------------------------------------------------
+    def step(self, ks: Optional[Dict[int, int]] = None) -> Dict[int, RowOut]:
+        """One round; ``ks[uid]`` = that row's draft length (missing = 0). Returns what each
+        row got: running rows one round's tokens, a row whose prefill finished its first token."""
+        ks = ks or {}
+        out: Dict[int, RowOut] = {}
+        lazy: list = []
+        round_ = self._round(ks, lazy) if self.rows else None
+        prefill = self._prefill_slice(lazy, idle=round_ is None)
+        mx.eval(lazy)  # sync: the one per round
+        if round_ is not None:
+            out.update(self._finish_round(*round_))
+        if prefill is not None:
+            out.update(self._finish_prefill(*prefill))
+        return out
+
+    def _round(self, ks: Dict[int, int], lazy: list):
+        rows, B = self.rows, len(self.rows)
+        kb = [max(0, min(int(ks.get(r.uid, 0)), MAX_DRAFT)) for r in rows]
+        K = max(kb)
+        P = self.cache.offsets  # each row's bonus position
+        greedy = all(r.cfg.greedy for r in rows)
+        # 1. Draft K tokens per row from (bonus, hidden), reading the committed K/V in place.
+        q = None
+        if K == 0:
+            drafts = mx.zeros((B, 0), mx.int32)
+        elif greedy and not any(r.processors for r in rows):
+            drafts = self._draft_greedy(K)
+        else:
+            drafts, q = self._draft_sampled(K, kb, P)
+        # 2. Verify [bonus, d_1..d_K] of every row in one target forward.
+        chunk = mx.concatenate([self.bonus, drafts], axis=1)
+        res = self.target(chunk, self.cache, attn_backend=self.attention)
+        # 3. Accept each row's agreeing prefix (at most its own k_b) plus one target token.
+        if greedy:
+            logits = res.logits
+            if any(r.processors for r in rows):
+                logits = mx.concatenate([r.processed(chunk[b], logits[b : b + 1]) for b, r in enumerate(rows)])
+            n, nxt, choice = accept_greedy(drafts, logits)
+            if min(kb) < K:
+                n = mx.minimum(n, mx.array(kb, dtype=n.dtype))
+                nxt = mx.take_along_axis(choice, n[:, None], axis=1)[:, 0]
+        else:
+            n, nxt = self._accept_sampled(chunk, drafts, q, res.logits, kb, P)
+        lps = self._logprobs(chunk, drafts, res.logits, n, nxt)
+        hidden = mx.take_along_axis(res.hidden, n[:, None, None], axis=1)  # [B, 1, H]
+        lazy.extend([n, nxt, drafts, hidden] + [x for x in lps.values() for x in x])
+        return kb, K, n, nxt, drafts, hidden, lps
+
+    def _finish_round(self, kb, K, n, nxt, drafts, hidden, lps) -> Dict[int, RowOut]:
+        n_acc, nexts, proposed = n.tolist(), nxt.tolist(), drafts.tolist()
+        # 4. Roll back each row's K - n rejected entries; its next round starts from n.
+        self.cache.trim([K - a for a in n_acc])
+        out = {}
+        for b, r in enumerate(self.rows):
+            toks = proposed[b][: n_acc[b]] + [nexts[b]]
+            if r.processors:
+                r.history.extend([r.bonus] + toks[:-1])
+            r.bonus = nexts[b]
+            out[r.uid] = RowOut(toks, kb[b], n_acc[b], logprobs=_unpack_logprobs(lps.get(b), toks))
+        self.bonus, self.hidden = nxt[:, None], hidden
+        return out
+
+    def _draft_greedy(self, K: int) -> mx.array:
+        ctx = draft_context(self.cache, self.window, self.position)
+        token, hidden, out = self.bonus, self.hidden, []
+        for _ in range(K):
+            hd, hidden = self.drafter(self.target.embed(token), hidden, ctx.kv, ctx.q_pos, ctx.masks, self.attention)
+            token = self.drafter.argmax(hd)  # [B, 1]
+            out.append(token)
+        return mx.concatenate(out, axis=1).astype(mx.int32)
+
+    def _draft_sampled(self, K: int, kb: List[int], P: List[int]):
+        """Drafts [B, K] and, per rejection-sampled row b, its q log-probs [1, K, V]. Greedy
+        rows take the drafter's argmax; sampled rows draw from their filtered q with their
+        own noise (the target's noise for coupled rows). Processors see the row's history,
+        the bonus and the drafts so far."""
+        ctx = draft_context(self.cache, self.window, self.position)
+        rows = self.rows
+        token, hidden, seen = self.bonus, self.hidden, self.bonus  # seen [B, j+1]
+        qs: Dict[int, List[mx.array]] = {b: [] for b, r in enumerate(rows) if not r.cfg.greedy and not r.spec.coupled}
+        for j in range(K):
+            hd, hidden = self.drafter(self.target.embed(token), hidden, ctx.kv, ctx.q_pos, ctx.masks, self.attention)
+            full = self.drafter.logits(hd)  # [B, 1, V]
+            picks = []
+            for b, r in enumerate(rows):
+                lg = r.processed(seen[b, -1:], full[b : b + 1], prefix=seen[b, :-1])  # [1, 1, V]
+                if r.cfg.greedy:
+                    picks.append(mx.argmax(lg[:, 0], axis=-1))
+                    continue
+                lq = log_probs(lg, r.cfg)
+                g = r.noise([P[b] + j + 1], NOISE_TARGET if r.spec.coupled else NOISE_DRAFT, lq.shape[-1])
+                picks.append(mx.argmax(lq[:, 0] + g, axis=-1))
+                if b in qs:
+                    qs[b].append(lq)
+            token = mx.concatenate(picks).astype(mx.int32)[:, None]  # [B, 1]
+            seen = mx.concatenate([seen, token], axis=1)
+        return seen[:, 1:], {b: mx.concatenate(v, axis=1) for b, v in qs.items()}
+
+    def _accept_sampled(self, chunk, drafts, q, logits, kb, P):
+        """Per row, its own rule on its own k_b drafts. Returns (n [B], next [B])."""
+        ns, nxts = [], []
+        for b, r in enumerate(self.rows):
+            k = kb[b]
+            d = drafts[b : b + 1, :k]
+            lg = r.processed(chunk[b], logits[b : b + 1])[:, : k + 1]  # [1, k+1, V]
+            if r.cfg.greedy:
+                n, nxt, _ = accept_greedy(d, lg)
+            else:
+                lp = log_probs(lg, r.cfg)
+                g = r.noise(range(P[b] + 1, P[b] + k + 2), NOISE_TARGET, lp.shape[-1])[None]  # [1, k+1, V]
+                if r.spec.coupled:
+                    n, nxt, _ = accept_coupled(d, lp, g)
+                else:
+                    u = r.uniforms(range(P[b] + 1, P[b] + k + 1))[None] if k else mx.zeros((1, 0))
+                    q_b = q[b][:, :k] if q is not None and b in q else mx.zeros((1, 0, lp.shape[-1]))
+                    n, nxt = accept_rejection(d, q_b, lp, u, g)
+            ns.append(n.astype(mx.int32))
+            nxts.append(nxt.astype(mx.int32))
+        return mx.concatenate(ns), mx.concatenate(nxts)
+
+    def _logprobs(self, chunk, drafts, logits, n, nxt) -> Dict[int, tuple]:
+        """Per row that asked for them: the target's log-probs of what each verify position
+        emits (drafts before n, the next token at n; positions past n are never read)."""
+        out = {}
+        j = mx.arange(chunk.shape[1])
+        for b, r in enumerate(self.rows):
+            if r.spec.logprobs is not None:
+                d = mx.concatenate([drafts[b], mx.zeros((1,), mx.int32)])
+                emitted = mx.where(j == n[b], nxt[b], d)
+                out[b] = _row_logprobs(r, chunk[b], logits[b : b + 1], emitted)
+        return out
+
+    # ---- prefill ----------------------------------------------------------------------------
+    def _prefill_slice(self, lazy: list, idle: bool):
+        """Run prefill slices: one when rows are running, else until a job completes.
+        Returns (job, first tokens, hidden, logits) when a job completed this round."""
+        while self.pending:
+            job = self.pending[0]
+            P = job.length
+            if job.done < P - 1:
+                e = min(job.done + PREFILL_STEP, P - 1)
+                self.target(job.ids[:, job.done : e], job.cache, logits_from=e - job.done - 1,
+                            attn_backend=self.attention)
+                job.done = e
+                if job.done < P - 1:
+                    written = [c.keys for c in job.cache.layers.values()]
+                    if not idle:
+                        lazy.extend(written)  # evaluated with the round: bounds prefill memory
+                        return None
+                    mx.eval(written)  # sync: nothing is running, bound prefill memory
+                    continue
+            # The last prompt token alone: its logits give the first token.
+            res = self.target(job.ids[:, P - 1 :], job.cache, attn_backend=self.attention)
+            job.done = P
+            first = mx.concatenate([
+                r.pick(res.logits[g : g + 1], job.ids[g, P - 1 :], P) for g, r in enumerate(job.rows)
+            ])
+            lps = {g: _row_logprobs(r, job.ids[g, P - 1 :], res.logits[g : g + 1], first[g : g + 1])
+                   for g, r in enumerate(job.rows) if r.spec.logprobs is not None}
+            lazy.extend([first, res.hidden] + [x for v in lps.values() for x in v])
+            self.pending.popleft()
+            return job, first, res.hidden, lps
+        return None
+
+    def _finish_prefill(self, job: _Prefill, first: mx.array, hidden: mx.array, lps: Dict[int, tuple]):
+        firsts = first.tolist()
+        out = {}
+        for g, r in enumerate(job.rows):
+            out[r.uid] = RowOut([firsts[g]], first=True, logprobs=_unpack_logprobs(lps.get(g), [firsts[g]]))
+            r.history.append(r.spec.prompt[-1])
+            r.bonus = firsts[g]
+        bonus = first[:, None]
+        if not self.rows:
+            self.rows, self.cache, self.bonus, self.hidden = list(job.rows), job.cache, bonus, hidden
+        else:
+            self.rows = self.rows + job.rows
+            self.cache = TargetCache.stack([self.cache, job.cache])
+            self.bonus = mx.concatenate([self.bonus, bonus])
+            self.hidden = mx.concatenate([self.hidden, hidden])
+        return out
+
+
+def _row_logprobs(r: _Row, chunk: mx.array, logits: mx.array, emitted: mx.array) -> tuple:
+    """(log-prob of each emitted token [L], and with top-m: top ids [L, m], their log-probs)
+    from one row's processed logits [1, L, V] at temperature 1."""
+    lp = r.processed(chunk, logits)[0].astype(mx.float32)
+    lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
+    chosen = mx.take_along_axis(lp, emitted[:, None].astype(mx.int32), axis=1)[:, 0]
+    m = r.spec.logprobs
+    if not m:
+        return (chosen,)
+    top = mx.argsort(-lp, axis=-1)[:, :m]
+    return (chosen, top, mx.take_along_axis(lp, top, axis=1))
+
+
+def _unpack_logprobs(lp, toks: List[int]) -> Optional[List[TokenLogprob]]:
+    if lp is None:
+        return None
+    chosen = lp[0].tolist()
+    if len(lp) == 1:
+        return [TokenLogprob(t, chosen[j]) for j, t in enumerate(toks)]
+    ids, vals = lp[1].tolist(), lp[2].tolist()
+    return [TokenLogprob(t, chosen[j], list(zip(ids[j], vals[j]))) for j, t in enumerate(toks)]
