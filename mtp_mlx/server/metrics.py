@@ -13,18 +13,19 @@ PREFIX = "mtp_mlx_"
 # Engine snapshot key -> (metric name, type, help). Keys the engine adds later are exported too,
 # as untyped gauges named after the key, so a new counter never silently goes missing.
 ENGINE_METRICS: Dict[str, Tuple[str, str, str]] = {
-    "running": ("running_rows", "gauge", "Rows in the running batch."),
+    "running": ("running_rows", "gauge", "Rows in the running batch (prefilling included)."),
     "queued": ("queued_rows", "gauge", "Requests submitted to the engine and waiting for a slot."),
-    "tokens": ("generated_tokens_total", "counter", "Tokens generated, all requests."),
+    "rounds": ("rounds_total", "counter", "Batch rounds (one target forward each) after the prefills."),
+    "requests_finished": ("engine_requests_finished_total", "counter", "Requests the engine finished."),
     "prompt_tokens": ("prompt_tokens_total", "counter", "Prompt tokens submitted, all requests."),
+    "generation_tokens": ("generated_tokens_total", "counter", "Tokens generated, all requests."),
     "drafted": ("drafted_tokens_total", "counter", "Draft tokens proposed by the drafter."),
     "accepted": ("accepted_tokens_total", "counter", "Draft tokens the target accepted."),
-    "rounds": ("rounds_total", "counter", "Target forwards after the prefill (one per decoding round)."),
-    "prefix_hits": ("prefix_cache_hits_total", "counter", "Requests that reused a cached prompt prefix."),
-    "prefix_misses": ("prefix_cache_misses_total", "counter", "Requests that found no reusable prefix."),
-    "prefix_cached_tokens": ("prefix_cache_reused_tokens_total", "counter", "Prompt tokens served from the prefix cache."),
-    "prefix_bytes": ("prefix_cache_bytes", "gauge", "Bytes held by the prefix cache."),
-    "prefix_entries": ("prefix_cache_entries", "gauge", "Snapshots held by the prefix cache."),
+    "prefix_cache_hits": ("prefix_cache_hits_total", "counter", "Requests that reused a cached prompt prefix."),
+    "prefix_cache_misses": ("prefix_cache_misses_total", "counter", "Requests that found no reusable prefix."),
+    "prefix_cache_hit_tokens": ("prefix_cache_hit_tokens_total", "counter", "Prompt tokens served from the prefix cache."),
+    "prefix_cache_bytes": ("prefix_cache_bytes", "gauge", "Bytes held by the prefix cache."),
+    "prefix_cache_entries": ("prefix_cache_entries", "gauge", "Snapshots held by the prefix cache."),
     "faults": ("engine_faults_total", "counter", "Engine errors that failed the running requests."),
 }
 
