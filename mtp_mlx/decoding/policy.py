@@ -1,0 +1,546 @@
+"""How many tokens each row drafts this round, chosen from measured costs and acceptance.
+
+Pure host code: no MLX, no clocks. The engine calls, once per round::
+
+    ks = policy.plan(uids, caps)                 # K per row; the round's K is max(ks.values())
+    ... draft, verify, accept ...
+    policy.observe(ks, accepted, seconds)        # what happened and how long the round took
+    policy.forget(uid)                           # a row left the batch
+
+The model
+---------
+* Acceptance. For row i and draft position j, ``a_ij`` is the probability that draft j is
+  accepted given that drafts 1..j-1 were. A row keeps counts per position, decayed by the
+  rounds since they were last fed (so it follows drift, and a probe after a long park counts
+  for more than what was learnt before it), and blends them with a shared prior per position,
+  learned from every row and persisted across processes. K drafts commit ``E(K) = 1 + a_1 + a_1 a_2 + ... + a_1..a_K``
+  tokens on average. No row plans more than one position past the deepest position measured
+  ``trust`` times, so depth is climbed one step at a time, never on optimism alone.
+* Cost. ``C[b][k]`` is the smoothed wall time of a round whose largest K is k, for batch-size
+  bucket b (1, 2, 3-4, 5-8, ...), k = 0 included. What enters the average is the median of the
+  key's last three samples, clipped to ``[cost_clip[0], cost_clip[1]] x`` the current estimate:
+  one stall does not move the estimate at all, and a run of stalls moves it by at most
+  ``cost_alpha * (cost_clip[1] - 1)`` (7.5 % by default) per round.
+  The first sample of each (bucket, k) in a process is dropped (kernel compilation, warm-up).
+  Unmeasured costs are interpolated between measured k, else scaled from another bucket's
+  measured shape, else extended linearly from the last two measured k, else
+  ``C[b][0] * (1 + default_slope * k)``.
+* Choice. For every candidate round depth k, each row drafts ``min(k, its cap, its frontier)``
+  except rows whose own best depth is 0, which ride along at K = 0. The score is the rows'
+  summed ``E`` over ``C[b][k]``; the best k wins only if it beats the incumbent by ``margin``.
+  Rows with a fixed K (``fixed=``) are not chosen for but count in the round's K and cost.
+* Parking and probing. A round at k = 0 is "parked". On a per-bucket schedule (every
+  ``probe_first`` rounds, doubling to ``probe_max`` while probes change nothing, reset when the
+  choice changes) the policy drafts one position deeper than its choice, parked rows included,
+  to refresh the estimates that would otherwise never be measured again.
+* Hard guard. Over the last ``guard_window`` drafting rounds of a bucket (parked probes
+  excluded), the time plain decoding would have needed for the same tokens,
+  ``sum(tokens_r / b_r) * C[b][0]``, is compared with the time taken. Below
+  ``1 - guard_epsilon`` the bucket is parked for ``guard_backoff`` rounds (doubling on each
+  consecutive trip, to ``guard_backoff_max``; reset by a window that passes), whatever the model
+  says: this catches a cost or acceptance model that is wrong.
+
+Worst-case loss against plain decoding
+--------------------------------------
+Let ``r1 = C[b][1] / C[b][0]`` (a probe round's cost over a plain round's), ``rho = C[b][k] /
+C[b][0]`` the costliest drafting round against a plain one, ``eps = guard_epsilon``,
+``W = guard_window``, ``P = probe_max``, ``G = guard_backoff_max``. Once the probe interval and
+the guard back-off have reached their caps, the fraction of time lost to plain decoding is at most::
+
+    loss <= eps + (r1 - 1) / P + W (rho - 1) / (W rho + G)
+
+(drafting windows that pass the guard; one probe per P parked rounds; a model that keeps
+insisting on a losing depth drafts W rounds per G parked rounds). With the defaults
+(eps = 0.02, P = 512, W = 32, G = 2048) and r1 = 1.5, rho = 2 that is
+0.02 + 0.001 + 0.015 = 3.6 %; when the model's estimates hold (no guard trips) it is
+2.1 %. Warm-up adds a one-off cost per (process, bucket): two plain rounds to measure
+``C[b][0]`` (no loss), at most W drafting rounds before the guard can trip, and the probes
+at 8, 16, ..., P rounds (seven probes before the cap).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Collection, Deque, Dict, List, Optional, Sequence, Tuple
+
+STATE_VERSION = 1
+TRACE_LIMIT = 100_000  # rounds kept in the K trace (a long-running server drops the oldest)
+
+
+def prior_key(machine: str, mlx_version: str, pair_id: str, quantization: str) -> str:
+    """The tuning-store key under which a policy's ``state()`` is persisted: costs and
+    acceptance hold only for one machine, MLX version, target/drafter pair and quantization."""
+    return " | ".join(str(part) for part in (machine, f"mlx {mlx_version}", pair_id, quantization))
+
+
+def bucket_of(batch_size: int) -> int:
+    """Batch-size bucket: the next power of two (1, 2, 3-4 -> 4, 5-8 -> 8, ...)."""
+    return 1 << max(0, int(batch_size) - 1).bit_length()
+
+
+def expected_tokens(rates: Sequence[float], k: int) -> float:
+    """``1 + a_1 + a_1 a_2 + ... + a_1..a_k``: tokens committed on average by k drafts."""
+    total, run = 1.0, 1.0
+    for a in rates[:k]:
+        run *= a
+        total += run
+    return total
+
+
+@dataclass
+class _Cost:
+    estimate: float = 0.0
+    samples: int = 0  # samples in the estimate (0 = unmeasured)
+    seen: int = 0  # samples offered in this process (the first is dropped)
+    recent: Deque[float] = field(default_factory=lambda: collections.deque(maxlen=3))
+
+
+@dataclass
+class _RowStats:
+    """Decayed per-position counts of one row: hits[j], trials[j] for position j+1."""
+
+    hits: List[float]
+    trials: List[float]
+    last: List[int]  # round of the latest sample per position
+
+
+@dataclass
+class _Choice:
+    k: int  # the round's depth for the automatic rows
+    layout: Dict[int, int]  # K per row
+    rates: Dict[int, List[float]]  # acceptance per row and position
+    auto: List[int]  # rows the policy chooses for
+    riders: List[int]  # automatic rows whose own best is 0
+    limit: Dict[int, int]  # per automatic row: min(cap, frontier + 1)
+
+
+@dataclass
+class _Bucket:
+    incumbent: int = 0
+    probe_interval: int = 0
+    since_probe: int = 0
+    probing: bool = False  # the current round is a probe
+    choice_before_probe: int = 0
+    guard: Deque[Tuple[float, float]] = field(default_factory=collections.deque)  # (plain-equivalent s, s)
+    guard_until: int = 0  # round number until which the guard keeps the bucket parked
+    guard_backoff: int = 0
+
+
+class DraftPolicy:
+    """The adaptive draft-length policy (see the module docstring for the rules).
+
+    Args:
+        max_draft: deepest K ever planned.
+        prior: a ``state()`` of an earlier policy (same machine, MLX version, pair and
+            quantization, see ``prior_key``): seeds the costs and the shared acceptance prior.
+        margin: a challenger depth must beat the incumbent's score by this fraction.
+        cost_alpha: weight of a new (clipped) cost sample in the smoothed cost.
+        cost_clip: a cost sample is clipped to [lo, hi] x the current estimate first.
+        default_slope: unmeasured cost growth per draft position, as a fraction of C[b][0],
+            used until two depths of some bucket have been measured.
+        init_accept / init_weight: acceptance assumed for position 1 before anything is
+            measured, and its weight in pseudo-trials.
+        prior_weight: pseudo-trials of the shared prior in a row's estimate.
+        row_decay / prior_decay: decay per round of a row's / the shared counts (drift), applied
+            when a sample arrives, for at most ``decay_rounds_max`` rounds of age.
+        trust: samples after which a draft position counts as measured (frontier rule).
+        probe_first / probe_max: the probe back-off schedule, in rounds.
+        guard_window / guard_epsilon: the hard guard's window (drafting rounds) and tolerance.
+        guard_backoff / guard_backoff_max: rounds a guard trip parks the bucket, doubling.
+    """
+
+    def __init__(
+        self,
+        max_draft: int = 8,
+        prior: Optional[dict] = None,
+        *,
+        margin: float = 0.02,
+        cost_alpha: float = 0.3,
+        cost_clip: Tuple[float, float] = (0.8, 1.25),
+        default_slope: float = 0.2,
+        init_accept: float = 0.6,
+        init_weight: float = 2.0,
+        prior_weight: float = 2.0,
+        row_decay: float = 0.95,
+        prior_decay: float = 0.98,
+        decay_rounds_max: int = 4,
+        trust: int = 4,
+        probe_first: int = 8,
+        probe_max: int = 512,
+        guard_window: int = 32,
+        guard_epsilon: float = 0.02,
+        guard_backoff: int = 32,
+        guard_backoff_max: int = 2048,
+    ):
+        if max_draft < 0:
+            raise ValueError(f"max_draft must be >= 0, got {max_draft}")
+        self.max_draft = max_draft
+        self.margin = margin
+        self.cost_alpha = cost_alpha
+        self.cost_clip = cost_clip
+        self.default_slope = default_slope
+        self.init_accept = init_accept
+        self.init_weight = init_weight
+        self.prior_weight = prior_weight
+        self.row_decay = row_decay
+        self.prior_decay = prior_decay
+        self.decay_rounds_max = decay_rounds_max
+        self.trust = trust
+        self.probe_first = probe_first
+        self.probe_max = probe_max
+        self.guard_window = guard_window
+        self.guard_epsilon = guard_epsilon
+        self.guard_backoff_first = guard_backoff
+        self.guard_backoff_max = guard_backoff_max
+
+        self._costs: Dict[int, Dict[int, _Cost]] = {}
+        self._prior_hits = [0.0] * max_draft
+        self._prior_trials = [0.0] * max_draft
+        self._prior_seen = [0] * max_draft  # undecayed samples per position (frontier)
+        self._prior_last = [0] * max_draft  # round of the latest sample per position
+        self._rows: Dict[int, _RowStats] = {}
+        self._buckets: Dict[int, _Bucket] = {}
+        self._round = 0
+        self._planned: Optional[Tuple[int, List[int], Dict[int, int], Dict[int, int]]] = None  # last plan()
+        self._planned_parked = False
+        self._trace: List[Tuple[int, int, bool]] = []
+        self._parked_rounds = 0
+        self._probes = 0
+        self._guard_trips = 0
+        self._reason = "no round yet"
+        if prior:
+            self._load(prior)
+
+    @classmethod
+    def from_state(cls, state: dict, **kwargs) -> "DraftPolicy":
+        """A policy seeded with an earlier ``state()`` (same as ``DraftPolicy(prior=state)``)."""
+        return cls(prior=state, **kwargs)
+
+    # ---- acceptance -------------------------------------------------------------------------
+    def _frontier(self) -> int:
+        """Deepest position j such that positions 1..j each have ``trust`` samples."""
+        j = 0
+        while j < self.max_draft and self._prior_seen[j] >= self.trust:
+            j += 1
+        return j
+
+    def _prior_rates(self) -> List[float]:
+        """Shared acceptance per position; positions not yet trusted inherit the deepest
+        trusted rate (position 1 always uses its own counts, seeded by ``init_accept``)."""
+        rates = []
+        for j in range(self.max_draft):
+            own = (self.init_weight * self.init_accept + self._prior_hits[j]) / (self.init_weight + self._prior_trials[j])
+            rates.append(own if j == 0 or self._prior_seen[j] >= self.trust else rates[-1])
+        return rates
+
+    def _row_rates(self, uid: int, prior: List[float]) -> List[float]:
+        row = self._rows.get(uid)
+        if row is None:
+            return prior
+        w = self.prior_weight
+        return [(w * p + h) / (w + t) for p, h, t in zip(prior, row.hits, row.trials)]
+
+    def acceptance(self, uid: Optional[int] = None) -> List[float]:
+        """Conditional acceptance per draft position: row ``uid``'s estimate, or the shared prior."""
+        prior = self._prior_rates()
+        return prior if uid is None else self._row_rates(uid, prior)
+
+    # ---- cost -------------------------------------------------------------------------------
+    def _measured(self, bucket: int) -> Dict[int, float]:
+        return {k: c.estimate for k, c in self._costs.get(bucket, {}).items() if c.samples}
+
+    def cost(self, batch_size: int, k: int) -> Optional[float]:
+        """Estimated seconds of a round of this batch size whose largest K is k; None while
+        nothing about this bucket's plain round is known."""
+        return self._cost(bucket_of(batch_size), k)
+
+    def _cost(self, bucket: int, k: int) -> Optional[float]:
+        pts = self._measured(bucket)
+        if k in pts:
+            return pts[k]
+        if not pts:
+            return None
+        below = [j for j in pts if j < k]
+        above = [j for j in pts if j > k]
+        if below and above:  # interpolate between the nearest measured depths
+            lo, hi = max(below), min(above)
+            return pts[lo] + (pts[hi] - pts[lo]) * (k - lo) / (hi - lo)
+        if not below:  # only deeper depths measured (rare): scale down along the default slope
+            hi = min(above)
+            return pts[hi] * (1 + self.default_slope * k) / (1 + self.default_slope * hi)
+        lo = max(below)
+        shape = self._shape_from_other_bucket(bucket, lo, k)
+        if shape is not None:
+            return pts[lo] * shape
+        if len(below) >= 2:  # extend the last measured slope (never downward)
+            lo2 = max(j for j in below if j != lo)
+            slope = max(0.0, (pts[lo] - pts[lo2]) / (lo - lo2))
+            return pts[lo] + slope * (k - lo)
+        base = pts.get(0, pts[lo] / (1 + self.default_slope * lo))
+        return pts[lo] + self.default_slope * base * (k - lo)
+
+    def _shape_from_other_bucket(self, bucket: int, lo: int, k: int) -> Optional[float]:
+        """C[b'][k] / C[b'][lo] from the nearest other bucket that measured both."""
+        others = sorted((b for b in self._costs if b != bucket), key=lambda b: abs(math.log2(b / bucket)))
+        for b in others:
+            pts = self._measured(b)
+            if lo in pts and k in pts and pts[lo] > 0:
+                return pts[k] / pts[lo]
+        return None
+
+    def _record_cost(self, bucket: int, k: int, seconds: float) -> None:
+        c = self._costs.setdefault(bucket, {}).setdefault(k, _Cost())
+        c.seen += 1
+        if c.seen == 1 and c.samples == 0:
+            return  # the first round at a new shape pays for compilation and warm-up
+        if c.samples == 0:
+            c.estimate, c.samples = seconds, 1
+            c.recent.append(seconds)
+            return
+        c.recent.append(seconds)
+        lo, hi = self.cost_clip
+        sample = statistics.median(c.recent) if len(c.recent) == c.recent.maxlen else seconds
+        sample = min(max(sample, lo * c.estimate), hi * c.estimate)
+        c.estimate += self.cost_alpha * (sample - c.estimate)
+        c.samples += 1
+
+    # ---- planning ---------------------------------------------------------------------------
+    def _bucket(self, bucket: int) -> _Bucket:
+        if bucket not in self._buckets:
+            self._buckets[bucket] = _Bucket(probe_interval=self.probe_first, guard_backoff=self.guard_backoff_first)
+        return self._buckets[bucket]
+
+    def plan(
+        self,
+        uids: Sequence[int],
+        caps: Dict[int, int],
+        fixed: Optional[Dict[int, int]] = None,
+    ) -> Dict[int, int]:
+        """K for each running row this round (0 = ride along without drafting).
+
+        ``caps[uid]``: the most that row may draft (budget left, ``max_draft``). ``fixed``:
+        rows that asked for a fixed K (capped by ``caps``): they get it, and the round's cost is
+        that of the largest K in the round. The round's K is ``max(result.values())``.
+        """
+        fixed = dict(fixed or {})
+        uids = list(uids)
+        caps = {u: max(0, min(int(caps.get(u, 0)), self.max_draft)) for u in uids}
+        bucket = bucket_of(len(uids)) if uids else 1
+        state = self._bucket(bucket)
+        self._planned = (bucket, uids, caps, fixed)
+        self._planned_parked = False
+        state.probing = False
+        ch = self._choose(uids, caps, fixed, bucket)
+        if ch is None:
+            ks = {u: min(int(fixed.get(u, 0)), caps[u]) for u in uids}
+            auto = [u for u in uids if u not in fixed and caps[u] > 0]
+            self._planned_parked = bool(auto)
+            self._reason = (f"measuring the plain round cost of batch bucket {bucket} first" if auto
+                            else "no row may draft this round" if not any(ks.values()) else "fixed K rows only")
+            return ks
+        if ch.k != state.incumbent:
+            state.probe_interval, state.since_probe = self.probe_first, 0
+        state.incumbent = ch.k
+        choice = ch.layout
+        guarded = self._round < state.guard_until
+        if guarded:
+            choice = {u: (k if u in fixed else 0) for u, k in choice.items()}
+        depth = max(choice[u] for u in ch.auto)
+        state.since_probe += 1
+        if state.since_probe >= state.probe_interval:
+            probe = {u: (min(depth + 1, caps[u], max(ch.limit[u], 1)) if u in ch.limit else k)
+                     for u, k in choice.items()}
+            if probe != choice:
+                state.probing, state.choice_before_probe, state.since_probe = True, depth, 0
+                self._probes += 1
+                self._reason = f"probe at K={max(probe.values())} (every {state.probe_interval} rounds; choice K={depth})"
+                return probe
+        self._planned_parked = depth == 0
+        self._reason = self._explain(choice, ch, bucket, guarded, state)
+        return choice
+
+    def _choose(self, uids: List[int], caps: Dict[int, int], fixed: Dict[int, int], bucket: int) -> Optional[_Choice]:
+        """The best round depth by the measured objective, with hysteresis against the bucket's
+        incumbent; None when no row may draft or the bucket's plain cost is still unknown."""
+        ks = {u: min(int(fixed.get(u, 0)), caps[u]) for u in uids}
+        auto = [u for u in uids if u not in fixed and caps[u] > 0]
+        if not auto or self._cost(bucket, 0) is None:
+            return None
+        k_fixed = max(ks.values(), default=0)
+        frontier = self._frontier()
+        prior = self._prior_rates()
+        rates = {u: self._row_rates(u, prior) for u in uids}
+        limit = {u: min(caps[u], frontier + 1) for u in auto}
+        drafters = [u for u in auto if self._own_best(rates[u], bucket, limit[u]) > 0]
+
+        def layout(k: int) -> Dict[int, int]:
+            out = dict(ks)
+            for u in drafters:
+                out[u] = min(max(k, k_fixed), limit[u])
+            return out
+
+        def score(k: int) -> float:
+            lay = layout(k)
+            tokens = sum(expected_tokens(rates[u], lay[u]) for u in uids)
+            return tokens / self._cost(bucket, max(lay.values()))
+
+        top = max((limit[u] for u in drafters), default=0)
+        best = max(range(top + 1), key=score)
+        incumbent = min(self._bucket(bucket).incumbent, top)
+        if score(best) < score(incumbent) * (1 + self.margin):
+            best = incumbent
+        riders = [u for u in auto if u not in drafters]
+        return _Choice(best, layout(best), rates, auto, riders, limit)
+
+    def _own_best(self, rates: List[float], bucket: int, limit: int) -> int:
+        """The depth that would maximise this row's tokens per second if it ran alone in the
+        bucket's rounds."""
+        return max(range(limit + 1), key=lambda k: expected_tokens(rates, k) / self._cost(bucket, k))
+
+    def _explain(self, choice, ch: "_Choice", bucket, guarded, state) -> str:
+        k, rates, riders = max(choice.values()), ch.rates, ch.riders
+        if guarded:
+            return (f"parked by the guard for {state.guard_until - self._round} more rounds: drafting ran below "
+                    f"{1 - self.guard_epsilon:.2f}x plain speed")
+        plain = self._cost(bucket, 0)
+        n = len(choice)
+        tokens = sum(expected_tokens(rates[u], choice[u]) for u in choice)
+        speedup = tokens / self._cost(bucket, k) * plain / n
+        if k == 0:
+            best1 = max((expected_tokens(rates[u], 1) for u in choice), default=1.0)
+            return (f"parked: drafting does not pay (best row would commit {best1:.2f} tokens at K=1 for a round "
+                    f"{self._cost(bucket, 1) / plain:.2f}x as long as a plain one)")
+        ride = f", {len(riders)} of {n} rows ride at K=0" if riders else ""
+        return f"K={k}: {tokens / n:.2f} tokens per row per round, {speedup:.2f}x plain (predicted){ride}"
+
+    # ---- learning ---------------------------------------------------------------------------
+    def observe(
+        self,
+        ks: Dict[int, int],
+        accepted: Dict[int, int],
+        seconds: float,
+        held_out: Collection[int] = (),
+    ) -> None:
+        """Record a round: each row's K, how many of its drafts the target accepted, and the
+        round's wall time (start of the round to the moment its tokens are known). Rows in
+        ``held_out`` (or missing from ``accepted``) count for the cost but teach nothing about
+        acceptance: pass rows whose acceptance was cut by an end-of-sequence or a stop string."""
+        if not ks:
+            return
+        batch = len(ks)
+        bucket = bucket_of(batch)
+        k_round = max(ks.values())
+        planned = self._planned if self._planned is not None and self._planned[0] == bucket else None
+        state = self._bucket(bucket)
+        probing = planned is not None and state.probing
+        parked = self._planned_parked if planned is not None else False
+        self._round += 1
+        self._trace.append((batch, k_round, parked))
+        if len(self._trace) > TRACE_LIMIT:
+            del self._trace[: len(self._trace) - TRACE_LIMIT]
+        self._parked_rounds += parked
+        self._record_cost(bucket, k_round, seconds)
+        for uid, k in ks.items():
+            if k > 0 and uid in accepted and uid not in held_out:
+                self._learn(uid, k, int(accepted[uid]))
+        # Probes from a parked choice are bounded on their own (one per probe interval).
+        if k_round > 0 and not (probing and state.choice_before_probe == 0):
+            tokens = sum(1 + min(int(accepted.get(u, 0)), k) for u, k in ks.items())
+            self._guard_step(bucket, state, tokens / batch, seconds)
+        if probing:
+            self._after_probe(bucket, state, planned)
+        self._planned, self._planned_parked, state.probing = None, False, False
+
+    def _learn(self, uid: int, k: int, n_accepted: int) -> None:
+        zeros = [0.0] * self.max_draft
+        row = self._rows.setdefault(uid, _RowStats(list(zeros), list(zeros), [self._round] * self.max_draft))
+        for j in range(min(n_accepted + 1, k)):  # positions reached: the accepted ones and the first miss
+            hit = 1.0 if j < n_accepted else 0.0
+            # Counts age with the rounds since they were last fed (capped), not per sample, so a
+            # probe after a long park outweighs what was learnt before it.
+            age = min(max(1, self._round - row.last[j]), self.decay_rounds_max)
+            f = self.row_decay**age
+            row.hits[j], row.trials[j], row.last[j] = f * row.hits[j] + hit, f * row.trials[j] + 1.0, self._round
+            age = min(max(1, self._round - self._prior_last[j]), self.decay_rounds_max)
+            f = self.prior_decay**age if self._prior_last[j] != self._round else 1.0
+            self._prior_hits[j] = f * self._prior_hits[j] + hit
+            self._prior_trials[j] = f * self._prior_trials[j] + 1.0
+            self._prior_last[j] = self._round
+            self._prior_seen[j] += 1
+
+    def _guard_step(self, bucket: int, state: _Bucket, tokens_per_row: float, seconds: float) -> None:
+        plain = self._cost(bucket, 0)
+        if plain is None or seconds <= 0:
+            return
+        state.guard.append((tokens_per_row * plain, seconds))
+        if len(state.guard) > self.guard_window:
+            state.guard.popleft()
+        if len(state.guard) < self.guard_window:
+            return
+        ratio = sum(p for p, _ in state.guard) / sum(s for _, s in state.guard)
+        if ratio >= 1 - self.guard_epsilon:
+            state.guard_backoff = self.guard_backoff_first
+            return
+        state.guard_until = self._round + state.guard_backoff
+        self._reason = (f"guard: drafting ran at {ratio:.2f}x plain speed over the last {self.guard_window} "
+                        f"drafting rounds; parked for {state.guard_backoff} rounds")
+        state.guard_backoff = min(2 * state.guard_backoff, self.guard_backoff_max)
+        state.guard.clear()
+        state.incumbent = 0
+        self._guard_trips += 1
+
+    def _after_probe(self, bucket: int, state: _Bucket, planned) -> None:
+        """Double the probe interval if the probe left the choice unchanged, else reset it."""
+        _, uids, caps, fixed = planned
+        uids = [u for u in uids if u in caps]
+        ch = self._choose(uids, caps, fixed, bucket)
+        guarded = self._round < state.guard_until
+        after = 0 if ch is None or guarded else max(ch.layout[u] for u in ch.auto)
+        if after == state.choice_before_probe:
+            state.probe_interval = min(2 * state.probe_interval, self.probe_max)
+        else:
+            state.probe_interval = self.probe_first
+
+    def forget(self, uid: int) -> None:
+        """Drop a row that left the batch (what it taught the shared prior stays)."""
+        self._rows.pop(uid, None)
+
+    # ---- reporting and persistence -------------------------------------------------------------
+    def summary(self) -> dict:
+        """K trace ``[(batch size, K, parked), ...]`` per round, fraction of rounds parked,
+        probes and guard trips so far, and the reason for the latest choice (one line)."""
+        rounds = self._round
+        return {
+            "rounds": rounds,
+            "trace": list(self._trace),
+            "parked_fraction": self._parked_rounds / rounds if rounds else 0.0,
+            "probes": self._probes,
+            "guard_trips": self._guard_trips,
+            "reason": self._reason,
+        }
+
+    def state(self) -> dict:
+        """What is worth keeping across processes (JSON-serialisable): smoothed costs per
+        (bucket, K) and the shared acceptance counts per position."""
+        return {
+            "version": STATE_VERSION,
+            "max_draft": self.max_draft,
+            "costs": {
+                str(b): {str(k): [c.estimate, c.samples] for k, c in ks.items() if c.samples}
+                for b, ks in self._costs.items()
+            },
+            "acceptance": [[h, t, n] for h, t, n in zip(self._prior_hits, self._prior_trials, self._prior_seen)],
+        }
+
+    def _load(self, prior: dict) -> None:
+        if prior.get("version") != STATE_VERSION:
+            return  # an older layout: start fresh rather than misread it
+        for b, ks in prior.get("costs", {}).items():
+            for k, (estimate, samples) in ks.items():
+                if int(k) <= self.max_draft and estimate > 0:
+                    self._costs.setdefault(int(b), {})[int(k)] = _Cost(float(estimate), int(samples), 0)
+        for j, (h, t, n) in enumerate(prior.get("acceptance", [])[: self.max_draft]):
+            self._prior_hits[j], self._prior_trials[j], self._prior_seen[j] = float(h), float(t), int(n)
