@@ -266,6 +266,12 @@ def test_closing_a_stream_frees_its_row_and_spares_the_others(client, server, ac
     # The 2000-token row would run for tens of seconds; cancelled, it leaves at a round boundary.
     wait_for(lambda: metric(server.url, "running_rows") == 0 and metric(server.url, "requests_in_flight") == 0,
              what="the closed stream's row to leave")
+    # A non-streamed request whose client gives up is cancelled too (the server polls for it).
+    impatient = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=1.5)
+    with pytest.raises(openai.APITimeoutError):
+        impatient.completions.create(model=MODEL, prompt=ENDLESS, max_tokens=2000, temperature=0)
+    wait_for(lambda: metric(server.url, "running_rows") == 0 and metric(server.url, "requests_in_flight") == 0,
+             what="the abandoned request's row to leave")
 
 
 def test_concurrent_requests_report_their_own_counters(aclient_factory):
@@ -304,6 +310,7 @@ def test_logprobs_equal_with_and_without_drafter(client):
     assert bytes(x for t in a for x in t.bytes).decode() == text_of(on)
     for x, y in zip(a, b):
         assert x.token == y.token and abs(x.logprob - y.logprob) <= 1e-4
+        assert x.token == x.top_logprobs[0].token  # greedy picks the target's most likely token
         assert x.logprob <= 0 and len(x.top_logprobs) == 5
         assert [t.token for t in x.top_logprobs] == [t.token for t in y.top_logprobs]
         assert all(abs(p.logprob - q.logprob) <= 1e-4 for p, q in zip(x.top_logprobs, y.top_logprobs))

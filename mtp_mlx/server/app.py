@@ -66,6 +66,7 @@ class _Session:
 
         self.job = Job(request, post)
         self.finished = self.closed = False
+        self.checked = time.monotonic()
         server.metrics.in_flight += 1
 
     async def start(self) -> None:
@@ -78,13 +79,17 @@ class _Session:
         assert isinstance(item, Accepted)
 
     async def next(self, http: Optional[HttpRequest] = None):
-        """The next Event; with ``http``, poll for a client that went away while waiting."""
+        """The next Event; with ``http``, check about once a DISCONNECT_POLL_S that the client is still there."""
         while True:
             try:
                 item = await (asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S) if http else self.queue.get())
             except asyncio.TimeoutError:
+                item = None
+            if http is not None and time.monotonic() - self.checked >= DISCONNECT_POLL_S:
+                self.checked = time.monotonic()
                 if await http.is_disconnected():
-                    raise _ClientGone() from None
+                    raise _ClientGone()
+            if item is None:
                 continue
             if isinstance(item, Failed):
                 self.finished = True
@@ -215,9 +220,13 @@ class Server:
     def _engine_request(self, p: Parsed, ids: List[int]):
         from ..decoding.engine import Request
 
+        max_tokens = p.max_tokens
+        if max_tokens is None:  # the default never pushes a prompt past the model's positions
+            room = self.worker.pair.target_config.text.max_position_embeddings - len(ids)
+            max_tokens = max(1, min(self.config.default_max_tokens, room))
         return Request(
             prompt=ids,
-            max_tokens=p.max_tokens or self.config.default_max_tokens,
+            max_tokens=max_tokens,
             sampling=p.sampling,
             stop=tuple(p.stop),
             num_draft=num_draft_for(p, self.config.num_draft, self.config.has_drafter),
