@@ -3,10 +3,10 @@ and a generated MLX_HOSTFILE). Each rank writes what it saw to <out>/rank<r>.jso
 <out>/rank<r>_<kind>.npz; the test compares the ranks with each other and with the
 single-process reference every rank computes before splitting its model.
 
-Scenarios:
-  parity   for each kind: logits of a prefill and a verify chunk (one process vs split),
-           greedy plain vs speculative tokens, a seeded sampled run twice.
-  die      rank 1 exits in the middle of generation; rank 0 must exit with a clear error.
+For each kind: logits of a prefill and a verify chunk (one process vs split), greedy plain
+vs speculative tokens; for the --full kinds also a seeded sampled run twice, a two-row batch
+with the adaptive draft length and an unseeded sampled run. Then, with --then-die, rank 1
+exits in the middle of a generation and rank 0 must exit with a clear error (status 2).
 """
 
 import argparse
@@ -27,8 +27,8 @@ from mtp_mlx.distributed.launch import Watchdog, lost_peer_error, peer_lost  # n
 from mtp_mlx.errors import MtpError  # noqa: E402
 from mtp_mlx.sampling import SamplingConfig  # noqa: E402
 
-PROMPT_LEN = 30
-GEN = 24  # 54 positions: past the fixtures' 32-token sliding window plus its 8 slots of slack (a wrapped ring)
+PROMPT_LEN = 36
+GEN = 14  # 50 positions: past the fixtures' 32-token sliding window plus its 8 slots of slack (a wrapped ring)
 
 
 def load_kind(fixtures: Path, kind: str):
@@ -53,9 +53,10 @@ def forward_logits(target, prompt, chunk):
 
 def generate(pair, prompts, num_draft, sampling=None, max_tokens=GEN, on_step=None, distributed=True):
     """Token ids and stats per prompt from one engine run (all prompts submitted together)."""
-    from mtp_mlx.decoding.engine import Engine, Request
+    from mtp_mlx.decoding.engine import Engine, Request, bare_pair
     from mtp_mlx.distributed.engine import DistributedEngine
 
+    pair = bare_pair(pair.target, pair.drafter)  # no EOS: every run has exactly max_tokens tokens
     eng = DistributedEngine(pair) if distributed else Engine(pair)
     uids = [eng.submit(Request(list(p), max_tokens=max_tokens, sampling=sampling or SamplingConfig(),
                                num_draft=num_draft)) for p in prompts]
@@ -74,8 +75,9 @@ def generate(pair, prompts, num_draft, sampling=None, max_tokens=GEN, on_step=No
 
 
 def parity(args, rank, grp, wd):
-    report = {"rank": rank, "size": grp.size(), "mode": args.mode, "kinds": {}}
+    report = {"rank": rank, "size": grp.size(), "mode": args.mode, "kinds": {}, "started": time.time()}
     for kind in args.kinds.split(","):
+        wd.beat()
         pair = load_kind(Path(args.fixtures), kind)
         V = pair.target.cfg.vocab_size
         prompt = prompt_for(V)
@@ -89,12 +91,14 @@ def parity(args, rank, grp, wd):
         prefill, chunk_logits, hidden = forward_logits(pair.target, prompt, chunk)
         (plain,) = generate(pair, [prompt], 0, on_step=beat)
         (spec,) = generate(pair, [prompt], 3, on_step=beat)
-        hot = SamplingConfig(temperature=1.0, top_k=20, seed=11)
-        sampled = [generate(pair, [prompt], 3, hot, on_step=beat)[0] for _ in range(2)]
-        # Two rows of different lengths in one batch (the second prefilled while the first
-        # runs), the adaptive draft length, and a request without a seed.
-        batch = generate(pair, [prompt, prompt_for(V, seed=2)[:13]], "auto", on_step=beat) if args.batch else None
-        unseeded = generate(pair, [prompt], 3, SamplingConfig(temperature=1.0), on_step=beat)[0] if args.batch else None
+        sampled = batch = unseeded = None
+        if kind in args.full.split(","):
+            hot = SamplingConfig(temperature=1.0, top_k=20, seed=11)
+            sampled = [generate(pair, [prompt], 3, hot, on_step=beat)[0] for _ in range(2)]
+            # Two rows of different lengths in one batch (the second prefilled while the first
+            # runs), the adaptive draft length, and a request without a seed.
+            batch = generate(pair, [prompt, prompt_for(V, seed=2)[:13]], "auto", on_step=beat)
+            unseeded = generate(pair, [prompt], 3, SamplingConfig(temperature=1.0), on_step=beat)[0]
         np.savez(Path(args.out) / f"rank{rank}_{kind}.npz", prefill=prefill, chunk=chunk_logits, hidden=hidden)
         report["kinds"][kind] = {
             "prefill_diff": float(np.abs(prefill - ref_prefill).max()),
@@ -110,12 +114,15 @@ def parity(args, rank, grp, wd):
 
 
 def die(args, rank, grp, wd):
-    pair = load_kind(Path(args.fixtures), args.kinds.split(",")[0])
+    wd.beat()
+    pair = load_kind(Path(args.fixtures), args.then_die)
     distribute(pair, args.mode, grp)
     prompt = prompt_for(pair.target.cfg.vocab_size)
 
     def step(i):
         wd.beat()
+        if i == 4:
+            wd.timeout = 10.0  # rounds take well under a second here: do not wait long for the dead
         if rank == 1 and i == 5:
             os._exit(7)  # a rank that fails mid-run, without a goodbye
 
@@ -126,18 +133,24 @@ def die(args, rank, grp, wd):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mode", choices=["tensor", "pipeline"], required=True)
-    ap.add_argument("--scenario", choices=["parity", "die"], default="parity")
+    ap.add_argument("--then-die", default="", help="afterwards rank 1 exits mid-run on this kind; rank 0 must "
+                    "exit with a clear error")
     ap.add_argument("--kinds", default="e2b,dense,moe")
     ap.add_argument("--fixtures", required=True)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--batch", action="store_true", help="also a two-row batch with num_draft auto")
+    ap.add_argument("--full", default="", help="kinds that also run sampled, batched and unseeded requests")
     ap.add_argument("--stall-timeout", type=float, default=60.0)
     args = ap.parse_args()
     grp = init_distributed(args.mode, backend="ring")
     rank = grp.rank()
     with Watchdog(args.stall_timeout, rank) as wd:
         try:
-            report = {"parity": parity, "die": die}[args.scenario](args, rank, grp, wd)
+            report = parity(args, rank, grp, wd)
+            report["finished"] = time.time()
+            with open(Path(args.out) / f"rank{rank}.json", "w") as f:
+                json.dump(report, f)
+            if args.then_die:
+                die(args, rank, grp, wd)
         except RuntimeError as e:
             if peer_lost(e):
                 print(f"error: {lost_peer_error(e, rank)}", file=sys.stderr)
@@ -146,9 +159,6 @@ def main():
         except MtpError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
-    with open(Path(args.out) / f"rank{rank}.json", "w") as f:
-        json.dump(report, f)
-
 
 if __name__ == "__main__":
     main()

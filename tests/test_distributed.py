@@ -1,0 +1,190 @@
+"""Two ranks on 127.0.0.1 (ring backend, MLX_RANK + a generated MLX_HOSTFILE, free ports, no
+ssh): the target split by tensor parallel and by pipeline parallel against one process.
+
+Each run starts two ``tests/distributed_worker.py`` processes, bounded in time and killed in
+``finally`` (``local_ring``). Every rank first computes the single-process reference with the
+unsplit model, then splits it and repeats; the test compares both ranks' records.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mtp_mlx.distributed.launch import local_ring
+from mtp_mlx.errors import MtpError
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = str(ROOT / "tests" / "distributed_worker.py")
+TIMEOUT = 240  # seconds per two-rank run (about 30-60 s on an idle 2-core CPU)
+
+sys.path.insert(0, str(ROOT / "tests"))
+import distributed_worker as worker  # noqa: E402
+
+# e2b geometry (1 KV head, KV-shared layers, PLE; the agree pair, whose drafts are often
+# accepted), 31B-like dense (K/V heads that split) and 26B-A4B-like MoE.
+KINDS = {"tensor": ["agree", "dense", "moe"], "pipeline": ["agree", "moe"]}
+FULL = "agree"  # also sampled, batched, adaptive-K and unseeded requests
+
+
+def _run(mode: str, out: Path, *extra: str, timeout: float = TIMEOUT):
+    out.mkdir(parents=True, exist_ok=True)
+    # linger: how long the survivor of a failed rank may take to exit by itself (the worker's
+    # watchdog allows 10 s of silence in its failure phase) before the harness kills it.
+    return local_ring([sys.executable, WORKER, "--mode", mode, "--out", str(out), *extra], n=2, timeout=timeout,
+                      linger=30)
+
+
+def _records(mode, fixtures, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"dist-{mode}")
+    ranks = _run(mode, out, "--fixtures", str(fixtures), "--kinds", ",".join(KINDS[mode]), "--full", FULL,
+                 "--then-die", "dense", "--stall-timeout", "30")
+    assert all((out / f"rank{r}.json").exists() for r in range(2)), ranks
+    reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    arrays = [{k: dict(np.load(out / f"rank{r}_{k}.npz")) for k in KINDS[mode]} for r in range(2)]
+    return reports, arrays, ranks
+
+
+@pytest.fixture(scope="module")
+def tensor_run(fixtures, tmp_path_factory):
+    return _records("tensor", fixtures, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(fixtures, tmp_path_factory):
+    return _records("pipeline", fixtures, tmp_path_factory)
+
+
+def _get(request, mode):
+    return request.getfixturevalue(f"{mode}_run")
+
+
+CASES = [(m, k) for m in KINDS for k in KINDS[m]]
+
+
+@pytest.mark.parametrize("mode,kind", CASES)
+def test_logits_match_one_process(request, mode, kind):
+    reports, arrays, _ = _get(request, mode)
+    for rep in reports:
+        rec = rep["kinds"][kind]
+        # Tensor parallel reorders the sums of the split layers; pipeline moves whole arrays.
+        tol = 1e-5 if mode == "tensor" else 0.0
+        assert rec["prefill_diff"] <= tol and rec["chunk_diff"] <= tol and rec["hidden_diff"] <= tol, rec
+    # Both ranks hold the very same logits (they drive identical accept decisions).
+    for name in ("prefill", "chunk", "hidden"):
+        assert np.array_equal(arrays[0][kind][name], arrays[1][kind][name]), name
+
+
+@pytest.mark.parametrize("mode,kind", CASES)
+def test_greedy_speculative_equals_plain_across_window_wraps(request, mode, kind, fixtures):
+    reports, _, _ = _get(request, mode)
+    rec = reports[0]["kinds"][kind]
+    plain, spec = rec["plain"], rec["spec"]
+    assert len(plain["tokens"]) == worker.GEN
+    assert spec["tokens"] == plain["tokens"]
+    cfg = json.loads((fixtures / kind / "target" / "config.json").read_text())
+    window = cfg.get("text_config", cfg)["sliding_window"]
+    assert worker.PROMPT_LEN + worker.GEN > window + 8  # the ring (window + max-draft slack) wrapped
+    if kind == "agree":
+        assert 0 < spec["accepted"] < 3 * spec["rounds"]  # accepted and rejected drafts: rollbacks
+    if mode == "pipeline":  # no reordered sums: same tokens as one process
+        assert plain["tokens"] == rec["ref_plain"]["tokens"]
+
+
+@pytest.mark.parametrize("mode", list(KINDS))
+def test_both_ranks_emit_identical_tokens(request, mode):
+    reports, _, _ = _get(request, mode)
+    for kind in KINDS[mode]:
+        a, b = (dict(r["kinds"][kind]) for r in reports)
+        a.pop("seconds")
+        b.pop("seconds")
+        assert a == b, kind
+
+
+@pytest.mark.parametrize("mode", list(KINDS))
+def test_seeded_sampling_identical_and_reproducible(request, mode):
+    reports, _, _ = _get(request, mode)
+    runs = [r["kinds"][FULL]["sampled"] for r in reports]
+    assert runs[0][0]["tokens"] == runs[0][1]["tokens"]  # reproducible
+    assert runs[0] == runs[1]  # identical on both ranks
+    assert runs[0][0]["tokens"] != reports[0]["kinds"][FULL]["plain"]["tokens"]  # really sampled
+    unseeded = [r["kinds"][FULL]["unseeded"] for r in reports]
+    assert unseeded[0] == unseeded[1] and len(unseeded[0]["tokens"]) == worker.GEN
+
+
+@pytest.mark.parametrize("mode", list(KINDS))
+def test_batch_with_adaptive_draft_length(request, mode):
+    reports, _, _ = _get(request, mode)
+    rec = reports[0]["kinds"][FULL]
+    first, second = rec["batch"]
+    assert first["tokens"] == rec["plain"]["tokens"]  # a row's greedy output does not depend on the batch
+    assert len(second["tokens"]) == worker.GEN
+    assert reports[1]["kinds"][FULL]["batch"] == rec["batch"]  # same K per round on both ranks
+
+
+@pytest.mark.parametrize("mode", list(KINDS))
+def test_a_failed_rank_stops_the_other_with_an_error(request, mode):
+    *_, ranks = _get(request, mode)  # after its records, rank 1 exits in the middle of a generation
+    assert ranks[1].returncode == 7, ranks[1]
+    # The survivor exits by itself (not killed by the harness) with a one-line reason: MLX's
+    # error for a lost connection (status 2), or the watchdog when a collective just waits
+    # (status 3; pipeline sends whose peer is gone do that).
+    assert ranks[0].returncode in (2, 3), ranks[0]
+    assert "a peer rank stopped" in ranks[0].stderr or "a peer rank is stalled or gone" in ranks[0].stderr
+
+
+# ---- single process: the checks that need no second rank --------------------------------------
+class _Group:
+    def __init__(self, size, rank=0):
+        self._size, self._rank = size, rank
+
+    def size(self):
+        return self._size
+
+    def rank(self):
+        return self._rank
+
+
+def test_shard_refuses_heads_that_do_not_divide():
+    from mtp_mlx.distributed.tensor import check_tensor_parallel, kv_slice, shard_target
+    from tiny import target_config, tiny_target
+
+    with pytest.raises(MtpError, match="query heads"):
+        check_tensor_parallel(target_config("e2b"), 3)  # 4 query heads over 3 ranks
+    with pytest.raises(MtpError, match="whole head groups"):
+        kv_slice(12, 3, 2, 0)  # 3 KV heads over 2 ranks: a group would straddle the ranks
+    assert kv_slice(4, 1, 2, 1) == (0, 1)  # one KV head: replicated, every rank reads it
+    assert kv_slice(32, 16, 2, 1) == (8, 16)  # 31B sliding layers at TP=2
+    assert kv_slice(32, 4, 4, 3) == (3, 4)  # 31B full layers at TP=4
+    model = tiny_target("e2b")
+    with pytest.raises(MtpError):
+        shard_target(model, _Group(3))
+    assert shard_target(model, _Group(1)).kv == {}  # a group of one leaves the model alone
+
+
+def test_pipeline_stages_and_mirrors():
+    from mtp_mlx.distributed.pipeline import PipelineTarget, stage_bounds
+    from tiny import tiny_target
+
+    assert stage_bounds(8, 2) == [(0, 4), (4, 8)]
+    assert stage_bounds(7, 3) == [(0, 3), (3, 5), (5, 7)]
+    with pytest.raises(MtpError, match="only 2 layers"):
+        stage_bounds(2, 3)
+    # tiny e2b: layers 5-7 read the K/V of producers 4 (sliding) and 3 (full)
+    pt = PipelineTarget(tiny_target("e2b"), _Group(2, 1), bounds=[(0, 4), (4, 8)])
+    assert pt.mirrors == [3]  # the full producer sits on rank 0; its new rows travel with h
+    assert pt.carry == [[3], []]
+    cache = pt.make_cache()
+    assert sorted(cache.layers) == [3, 4] and cache.producers == {"sliding_attention": 4, "full_attention": 3}
+    assert PipelineTarget(tiny_target("e2b"), _Group(2, 0), bounds=[(0, 6), (6, 8)]).carry == [[3, 4], []]
+    first = PipelineTarget(tiny_target("e2b"), _Group(2, 0), bounds=[(0, 4), (4, 8)])
+    assert sorted(first.make_cache().layers) == [0, 1, 2, 3] and first.make_cache().producers == {}
+
+
+def test_lone_process_cannot_split():
+    from mtp_mlx.distributed import init_distributed
+
+    with pytest.raises(MtpError, match="at least 2 ranks"):
+        init_distributed("tensor")
