@@ -319,3 +319,13 @@ def test_cold_start_measures_plain_first_and_costs_extrapolate():
     assert policy.cost(1, 0) == pytest.approx(c)
     policy.observe({1: 0}, {1: 0}, 100.0)  # a run of stalls moves the estimate by a bounded step
     assert policy.cost(1, 0) == pytest.approx(c * (1 + 0.3 * 0.25))
+
+
+def test_a_round_without_a_cost_sample_still_teaches_acceptance():
+    policy = DraftPolicy()
+    for _ in range(3):
+        policy.observe({1: 0}, {1: 0}, 0.05)
+    policy.observe({1: 2, 2: 2}, {1: 2, 2: 0}, None)  # the round also ran a prefill slice
+    assert policy.cost(2, 2) is None and policy.cost(1, 2) == pytest.approx(0.05 * 1.4)
+    assert policy.acceptance(1)[0] > policy.acceptance()[0] > policy.acceptance(2)[0]
+    assert policy.summary()["rounds"] == 4

@@ -421,11 +421,12 @@ class DraftPolicy:
         self,
         ks: Dict[int, int],
         accepted: Dict[int, int],
-        seconds: float,
+        seconds: Optional[float],
         held_out: Collection[int] = (),
     ) -> None:
         """Record a round: each row's K, how many of its drafts the target accepted, and the
-        round's wall time (start of the round to the moment its tokens are known). Rows in
+        round's wall time (start of the round to the moment its tokens are known; None when the
+        round also did other work, such as a prefill slice, and is no cost sample). Rows in
         ``held_out`` (or missing from ``accepted``) count for the cost but teach nothing about
         acceptance: pass rows whose acceptance was cut by an end-of-sequence or a stop string."""
         if not ks:
@@ -442,12 +443,13 @@ class DraftPolicy:
         if len(self._trace) > TRACE_LIMIT:
             del self._trace[: len(self._trace) - TRACE_LIMIT]
         self._parked_rounds += parked
-        self._record_cost(bucket, k_round, seconds)
+        if seconds is not None:
+            self._record_cost(bucket, k_round, seconds)
         for uid, k in ks.items():
             if k > 0 and uid in accepted and uid not in held_out:
                 self._learn(uid, k, int(accepted[uid]))
         # Probes from a parked choice are bounded on their own (one per probe interval).
-        if k_round > 0 and not (probing and state.choice_before_probe == 0):
+        if seconds is not None and k_round > 0 and not (probing and state.choice_before_probe == 0):
             tokens = sum(1 + min(int(accepted.get(u, 0)), k) for u, k in ks.items())
             self._guard_step(bucket, state, tokens / batch, seconds)
         if probing:
