@@ -110,7 +110,7 @@ def one_request(client, model, prompt, max_tokens, extra, messages=None, complet
         stream = client.completions.create(prompt=prompt, **kw)
     else:
         stream = client.chat.completions.create(messages=messages or [{"role": "user", "content": prompt}], **kw)
-    cached = 0
+    cached, timings = 0, None
     for chunk in stream:
         now = time.perf_counter()
         if chunk.choices:
@@ -126,10 +126,12 @@ def one_request(client, model, prompt, max_tokens, extra, messages=None, complet
             cached = (details.cached_tokens or 0) if details else 0
         extra_fields = chunk.model_extra or {}
         spec = extra_fields.get("speculative", spec)
+        timings = extra_fields.get("timings", timings)
     tokens = tokens or chunks  # a server without include_usage: count text chunks
     first = first or time.perf_counter()
     last = last or first
     return {"start": t0, "ttft": first - t0, "end": last, "tokens": tokens, "cached": cached,
+            "server_ttft": timings["ttft_ms"] / 1000 if timings else None,
             "decode_tps": (tokens - 1) / (last - first) if tokens > 1 and last > first else None,
             "drafted": spec["drafted"] if spec else None, "accepted": spec["accepted"] if spec else None}
 
@@ -161,7 +163,7 @@ def run_cell(client, model, concurrency, n_requests, max_tokens, extra):
 
 def join_probe(client, model, busy: int, max_tokens: int):
     """TTFT of a request on an idle server, and joining ``busy`` rows that are mid-generation."""
-    idle = [one_request(client, model, PROMPTS[1], 4, None)["ttft"] for _ in range(3)]
+    idle = [one_request(client, model, PROMPTS[1], 4, None) for _ in range(3)]
     streams, stop = [], threading.Event()
 
     def hold():  # a long row that keeps generating until told to stop
@@ -176,12 +178,17 @@ def join_probe(client, model, busy: int, max_tokens: int):
     for t in threads:
         t.start()
     time.sleep(1.5)  # let every busy row finish its prefill and decode for a while
-    joined = [one_request(client, model, PROMPTS[1], 4, None)["ttft"] for _ in range(3)]
+    joined = [one_request(client, model, PROMPTS[1], 4, None) for _ in range(3)]
     stop.set()
     for t in threads:
         t.join(30)
-    return {"busy_rows": busy, "idle_ttft_ms": round(1000 * statistics.median(idle), 1),
-            "joining_ttft_ms": round(1000 * statistics.median(joined), 1)}
+    def med(rs, key):
+        xs = [r[key] for r in rs if r[key] is not None]
+        return round(1000 * statistics.median(xs), 1) if xs else None
+
+    # ttft: to the first text the client sees; server_ttft: the engine's, submission to first token.
+    return {"busy_rows": busy, "idle_ttft_ms": med(idle, "ttft"), "joining_ttft_ms": med(joined, "ttft"),
+            "idle_server_ttft_ms": med(idle, "server_ttft"), "joining_server_ttft_ms": med(joined, "server_ttft")}
 
 
 def prefix_probe(client, model, max_tokens: int):
@@ -203,9 +210,9 @@ def prefix_probe(client, model, max_tokens: int):
 
 # ---- main --------------------------------------------------------------------------------------------
 
-def sweep(label, base, args, modes):
+def sweep(label, base, args, modes, model=None):
     client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=args.timeout)
-    model = model_id(base)
+    model = model or model_id(base)
     one_request(client, model, PROMPTS[0], 8, None)  # warm-up: compile and load everything once
     rows = []
     for mode in modes:
@@ -247,6 +254,7 @@ def main(argv=None):
                     help="speculative.mode values to sweep on our server")
     ap.add_argument("--prompt-cache-bytes", type=int, default=256 << 20, help="for the server this script starts")
     ap.add_argument("--no-probes", action="store_true", help="skip the join and prefix-cache latency probes")
+    ap.add_argument("--busy-rows", type=int, help="rows running while the join probe joins (default: max concurrency - 1)")
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
@@ -261,7 +269,8 @@ def main(argv=None):
         rows, client, model = sweep("mtp-mlx", base.rstrip("/"), args, args.modes)
         result["rows"] += rows
         if not args.no_probes:
-            result["probes"]["join"] = join_probe(client, model, max(args.concurrency) - 1, args.max_tokens)
+            busy = max(args.concurrency) - 1 if args.busy_rows is None else args.busy_rows
+            result["probes"]["join"] = join_probe(client, model, busy, args.max_tokens)
             result["probes"]["prefix_cache"] = prefix_probe(client, model, 8)
             print(json.dumps(result["probes"]), file=sys.stderr)
         lm = args.mlx_lm_url
@@ -272,7 +281,8 @@ def main(argv=None):
                    "--log-level", "WARNING"]
             stack.enter_context(_process(cmd, lm + "/v1/models"))
         if lm:
-            rows, _, _ = sweep("mlx_lm.server", lm.rstrip("/"), args, [None])
+            # mlx_lm.server names the model it was started with "default_model".
+            rows, _, _ = sweep("mlx_lm.server", lm.rstrip("/"), args, [None], model="default_model")
             result["rows"] += rows
     print(table(result["rows"]))
     for name, probe in result["probes"].items():

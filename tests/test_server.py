@@ -406,3 +406,57 @@ def test_health_and_metrics(server):
                  "accepted_tokens_total", "rounds_total", "requests_in_flight"):
         assert re.search(rf"^# TYPE mtp_mlx_{name} (gauge|counter)$", body, re.M), name
     assert re.search(r'^mtp_mlx_requests_total\{endpoint="chat",code="200"\} [1-9]', body, re.M)
+
+
+# ---- request parsing without a server ---------------------------------------------------------------
+
+def test_parsing_rules():
+    from mtp_mlx.server.protocol import ApiError, num_draft_for, parse_chat, parse_completion, sampling_defaults
+
+    msgs = [{"role": "developer", "content": [{"type": "text", "text": "be "}, {"type": "text", "text": "brief"}]},
+            {"role": "user", "content": "hi"}]
+    p = parse_chat({"messages": msgs, "max_completion_tokens": 5, "stop": "x", "seed": -1, "top_k": -1})
+    assert p.messages[0] == {"role": "system", "content": "be brief"}
+    assert (p.max_tokens, p.stop, p.sampling.top_k, p.sampling.temperature) == (5, ["x"], 0, 1.0)
+    assert p.sampling.seed is not None and p.logprobs is None
+    # Unset sampling fields take the checkpoint's recommendations; set ones win.
+    d = sampling_defaults({"temperature": 0.7, "top_k": 64, "do_sample": True})
+    assert d == {"temperature": 0.7, "top_k": 64}
+    q = parse_chat({"messages": msgs, "top_k": 8}, d)
+    assert (q.sampling.temperature, q.sampling.top_k) == (0.7, 8)
+    assert parse_completion({"prompt": ["one text"]}).text == "one text"
+    assert parse_completion({"prompt": [[1, 2, 3]], "logprobs": 0}).prompt == [1, 2, 3]
+    # Draft length per request: off -> 0; K fixes it; "on" without K never gets the controller's zero.
+    spec = lambda s: parse_chat({"messages": msgs, "speculative": s})  # noqa: E731
+    assert num_draft_for(spec({"mode": "off"}), "auto", True) == 0
+    assert num_draft_for(spec({"num_draft_tokens": 3}), "auto", True) == 3
+    assert num_draft_for(spec({"mode": "on"}), "auto", True) == 4
+    assert num_draft_for(spec({"mode": "auto"}), 2, True) == 2
+    assert num_draft_for(spec({"mode": "auto"}), 0, False) == 0
+    bad = [
+        ({"messages": msgs, "max_tokens": 3, "max_completion_tokens": 4}, "max_tokens"),
+        ({"messages": msgs, "stream_options": {"include_usage": True}}, "stream_options"),
+        ({"messages": msgs, "top_logprobs": 2}, "top_logprobs"),
+        ({"messages": msgs, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"messages": msgs, "temperature": "hot"}, "temperature"),
+        ({"messages": msgs, "max_tokens": True}, "max_tokens"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0]"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages[0].content"),
+        ({"messages": msgs, "speculative": {"mode": "off", "num_draft_tokens": 2}}, "speculative.num_draft_tokens"),
+        ({"messages": msgs, "speculative": {"num_draft_tokens": 9}}, "speculative.num_draft_tokens"),
+        ({"messages": msgs, "tool_choice": "auto"}, "tool_choice"),
+        ({"messages": msgs, "frequency_penalty": 1}, "frequency_penalty"),
+        ({"messages": []}, "messages"),
+    ]
+    for body, param in bad:
+        with pytest.raises(ApiError) as e:
+            parse_chat(body)
+        assert e.value.status == 400 and e.value.param == param, body
+    for body, param in [({"prompt": ["a", "b"]}, "prompt"), ({"prompt": ""}, "prompt"),
+                        ({"prompt": "x", "echo": True}, "echo"), ({"prompt": "x", "best_of": 2}, "best_of"),
+                        ({}, "prompt")]:
+        with pytest.raises(ApiError) as e:
+            parse_completion(body)
+        assert e.value.param == param, body
+    with pytest.raises(ApiError):
+        num_draft_for(spec({"mode": "on"}), 0, False)  # no drafter loaded

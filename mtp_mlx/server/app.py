@@ -53,8 +53,8 @@ class ServerConfig:
 class _Session:
     """One admitted request: its engine Job, the queue its Events arrive on, and its clean-up."""
 
-    def __init__(self, server: "Server", request, mode: str):
-        self.server, self.mode, self.num_draft = server, mode, request.num_draft
+    def __init__(self, server: "Server", request):
+        self.server = server
         self.queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
@@ -249,7 +249,7 @@ class Server:
             ids = await run_in_threadpool(self._tokenize, p)
             request = self._engine_request(p, ids)
             self._admit()
-            session = _Session(self, request, p.spec_mode)
+            session = _Session(self, request)
             await session.start()
         except ApiError as err:
             if session is not None:

@@ -62,15 +62,15 @@ def _get(body: dict, name: str):
     return body.get(name)
 
 
-def _bool(body: dict, name: str) -> Optional[bool]:
-    v = _get(body, name)
+def _bool(body: dict, key: str, prefix: str = "") -> Optional[bool]:
+    v, name = _get(body, key), prefix + key
     if v is not None and not isinstance(v, bool):
         raise bad(f"'{name}' must be a boolean, got {_json_type(v)}", name, "invalid_type")
     return v
 
 
-def _int(body: dict, name: str, lo: Optional[int] = None, hi: Optional[int] = None) -> Optional[int]:
-    v = _get(body, name)
+def _int(body: dict, key: str, lo: Optional[int] = None, hi: Optional[int] = None, prefix: str = "") -> Optional[int]:
+    v, name = _get(body, key), prefix + key
     if v is None:
         return None
     if isinstance(v, float) and v.is_integer():
@@ -197,7 +197,7 @@ def _common(body: dict, endpoint: str, defaults: Dict[str, float]) -> Parsed:
             raise bad("'stream_options' must be an object", "stream_options", "invalid_type")
         if not p.stream:
             raise bad("'stream_options' is only allowed with 'stream': true", "stream_options")
-        p.include_usage = bool(_bool(so, "include_usage"))
+        p.include_usage = bool(_bool(so, "include_usage", "stream_options."))
 
     _speculative(body, p)
     ctk = body.get("chat_template_kwargs")
@@ -220,7 +220,7 @@ def _speculative(body: dict, p: Parsed) -> None:
         raise bad(f"'speculative.mode' is {mode!r}: use one of {', '.join(SPECULATIVE_MODES)}", "speculative.mode")
     from ..limits import MAX_DRAFT
 
-    k = _int(spec, "num_draft_tokens", 1, MAX_DRAFT)
+    k = _int(spec, "num_draft_tokens", 1, MAX_DRAFT, "speculative.")
     if mode == "off" and k is not None:
         raise bad("'speculative.num_draft_tokens' conflicts with mode 'off': omit one", "speculative.num_draft_tokens")
     p.spec_mode, p.num_draft = mode, k
