@@ -1,11 +1,15 @@
-"""Decode-speed benchmark: plain vs speculative decoding on one checkpoint pair, and our
-plain decoding against mlx-lm's own Gemma 4 on the same target checkpoint.
+"""Decode-speed benchmark: plain decoding, ``auto`` and fixed draft lengths, at several batch
+sizes and on several checkpoint pairs, plus our plain decoding against mlx-lm's own Gemma 4
+on the same target (batch 1).
 
-Warm-up first, then the median of several runs (taken round-robin over the cases). Decode speed is (N - 1) / (t_N - t_1),
-where t_i is when the i-th generated token reached the host (so prefill is excluded).
-Prints a table and writes JSON (``--json``). Not a test: nothing here asserts a speed.
+Warm-up first, then the median of several runs taken round-robin over every (pair, batch,
+case), so that a slow spell of a shared machine lands on every case alike. Decode speed is
+all rows' tokens after their first / (last token - first first token) (``decoding.stats``).
+``auto`` keeps one policy per pair and batch size across its runs, as a long-running process
+would (its warm-up run is where it first measures). Prints a table and JSON. Not a test:
+nothing here asserts a speed.
 
-    python scripts/bench.py --model TARGET --drafter DRAFTER [--num-draft 1 2 3 4]
+    python scripts/bench.py [--pair TARGET:DRAFTER ...] [--batch 1 4] [--cases plain auto 1 2 3]
 """
 
 import argparse
@@ -17,33 +21,42 @@ import time
 
 import mlx.core as mx
 
-from mtp_mlx import format_prompt, load
-from mtp_mlx.decoding.loop import generate_step, speculative_generate_step
+from mtp_mlx import load
+from mtp_mlx.decoding.engine import Engine, generate_ids
+from mtp_mlx.decoding.policy import DraftPolicy
 
-DEFAULT_PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
+PROMPTS = [
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "import os\n\n\ndef walk_tree(root):\n",
+    "class LinkedList:\n    def __init__(self):\n",
+    "def binary_search(items, target):\n    lo, hi = 0, len(items)\n",
+]
 
 
-def _timed(tokens_iter):
-    """(token count, decode tokens/s, stats) from an iterator of Steps."""
-    stamps, n, drafted, accepted, forwards = [], 0, 0, 0, 0
-    for i, step in enumerate(tokens_iter):
-        now = time.perf_counter()
-        n += len(step.tokens)
-        stamps.extend([now] * len(step.tokens))
-        drafted += step.drafted
-        accepted += step.accepted
-        forwards += i > 0
-    tps = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 and stamps[-1] > stamps[0] else 0.0
+def _demo_pair() -> str:
+    from mtp_mlx import demo
+
+    return f"{demo.DEMO_TARGET}:{demo.DEMO_DRAFTER}"
+
+
+def _run(pair, ids, case, max_tokens, policy):
+    k = 0 if case == "plain" else ("auto" if case == "auto" else int(case))
+    engine = Engine(pair, use_drafter=k != 0, max_batch=len(ids), policy=policy)
+    rows = generate_ids(engine, ids, max_tokens=max_tokens, num_draft=k)
+    t = engine.totals
+    ks = [k for _, s in rows for k in s.ks]
     return {
-        "tokens": n,
-        "decode_tps": tps,
-        "acceptance": accepted / drafted if drafted else None,
-        "tokens_per_forward": (n - 1) / forwards if forwards else None,
+        "decode_tps": t.generation_tps,
+        "acceptance": t.acceptance_rate if t.drafted else None,
+        "tokens_per_forward": t.tokens_per_forward,
+        "mean_k": statistics.mean(ks) if ks else 0.0,
+        "parked": sum(1 for x in ks if x == 0) / len(ks) if ks else 1.0,
+        "k_trace": rows[0][1].ks[:64],
     }
 
 
 def _mlx_lm_plain(path, ids, max_tokens):
-    """mlx-lm's own greedy decoding of the same target; None if mlx-lm cannot load it."""
+    """mlx-lm's own greedy decoding of the same target (batch 1); None if unavailable."""
     try:
         from mlx_lm import load as lm_load
         from mlx_lm.generate import generate_step as lm_step
@@ -57,71 +70,96 @@ def _mlx_lm_plain(path, ids, max_tokens):
 
     def run():
         stamps = []
-        prompt = mx.array(ids)
-        for _tok, _ in lm_step(prompt, model, max_tokens=max_tokens, sampler=lambda x: mx.argmax(x, axis=-1)):
+        for _tok, _ in lm_step(mx.array(ids[0]), model, max_tokens=max_tokens, sampler=lambda x: mx.argmax(x, axis=-1)):
             stamps.append(time.perf_counter())
-        return {"tokens": len(stamps), "decode_tps": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
-                "acceptance": None, "tokens_per_forward": 1.0}
+        return {"decode_tps": (len(stamps) - 1) / (stamps[-1] - stamps[0]), "acceptance": None,
+                "tokens_per_forward": 1.0, "mean_k": 0.0, "parked": 1.0, "k_trace": []}
 
     return run
 
 
 def _median(runs):
-    keys = runs[0].keys()
-    return {k: (statistics.median([r[k] for r in runs]) if runs[0][k] is not None else None) for k in keys}
+    out = {}
+    for k, v in runs[0].items():
+        if k == "k_trace":
+            out[k] = runs[-1][k]
+        else:
+            vals = [r[k] for r in runs if r[k] is not None]
+            out[k] = statistics.median(vals) if vals else None
+    return out
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--drafter", required=True)
-    ap.add_argument("--prompt", default=DEFAULT_PROMPT)
-    ap.add_argument("--raw", action="store_true", help="no chat template")
-    ap.add_argument("--max-tokens", type=int, default=256)
-    ap.add_argument("--num-draft", type=int, nargs="+", default=[1, 2, 3, 4, 6])
+    ap.add_argument("--pair", action="append", help="TARGET:DRAFTER (repeatable; default: the bundled demo pair)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--cases", nargs="+", default=["plain", "auto", "1", "2", "3", "4", "5", "6"])
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--prompt-ids", default=None, help="JSON file: a list of token-id prompts (instead of PROMPTS)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--no-mlx-lm", action="store_true", help="skip the mlx-lm comparison")
+    ap.add_argument("--mlx-lm", action="store_true", help="also time mlx-lm's plain decoding (batch 1)")
     ap.add_argument("--json", default=None, help="write results here (default: stdout only)")
     args = ap.parse_args(argv)
 
-    pair = load(args.model, args.drafter)
-    ids = format_prompt(pair.tokenizer, args.prompt, raw=args.raw)
-    # No EOS: every run decodes exactly max_tokens, so runs do the same work.
-    cases = {"plain": lambda: _timed(generate_step(pair.target, ids, max_tokens=args.max_tokens, eos_ids=()))}
-    for k in args.num_draft:
-        cases[f"spec K={k}"] = (lambda k=k: _timed(speculative_generate_step(
-            pair.target, pair.drafter, ids, max_tokens=args.max_tokens, num_draft=k, eos_ids=())))
-    if not args.no_mlx_lm:
-        lm = _mlx_lm_plain(pair.target_path, ids, args.max_tokens)
-        if lm is not None:
-            cases["mlx-lm plain"] = lm
-
-    # Warm-up, then the runs round-robin over the cases, so that a slow spell of a shared
-    # machine lands on every case alike instead of on whichever case was running.
+    pairs = {}
+    for spec in args.pair or [_demo_pair()]:
+        target, drafter = spec.rsplit(":", 1)
+        pair = load(target, drafter)
+        if args.prompt_ids:
+            with open(args.prompt_ids) as f:
+                prompts = json.load(f)
+        else:
+            prompts = [list(pair.tokenizer.encode(p)) for p in PROMPTS]
+        pairs[spec] = (pair, prompts)
+    cases = {}
+    for spec, (pair, prompts) in pairs.items():
+        for b in args.batch:
+            ids = [prompts[i % len(prompts)] for i in range(b)]
+            policy = DraftPolicy()
+            for case in args.cases:
+                cases[(spec, b, case)] = (lambda pair=pair, ids=ids, case=case, policy=policy:
+                                          _run(pair, ids, case, args.max_tokens, policy if case == "auto" else None))
+            if args.mlx_lm and b == 1:
+                lm = _mlx_lm_plain(pair.target_path, ids, args.max_tokens)
+                if lm is not None:
+                    cases[(spec, b, "mlx-lm")] = lm
     for fn in cases.values():
         for _ in range(args.warmup):
             fn()
-    runs = {name: [] for name in cases}
+    runs = {key: [] for key in cases}
     for _ in range(args.runs):
-        for name, fn in cases.items():
-            runs[name].append(fn())
-    results = {name: _median(r) for name, r in runs.items()}
+        for key, fn in cases.items():
+            runs[key].append(fn())
+    results = {key: _median(r) for key, r in runs.items()}
 
-    plain = results["plain"]["decode_tps"]
-    print(f"{'case':<14} {'decode tok/s':>12} {'speed-up':>9} {'accept':>7} {'tok/fwd':>8}")
-    for name, r in results.items():
+    report = {"max_tokens": args.max_tokens, "runs": args.runs, "warmup": args.warmup,
+              "device": str(mx.default_device()), "machine": platform.machine(), "mlx": mx.__version__,
+              "results": [], "summary": []}
+    print(f"{'pair':<28} {'B':>2} {'case':<7} {'tok/s':>8} {'x plain':>8} {'accept':>7} {'tok/fwd':>8} {'mean K':>7} {'parked':>7}")
+    for (spec, b, case), r in results.items():
+        plain = results[(spec, b, "plain")]["decode_tps"] if (spec, b, "plain") in results else None
         acc = f"{100 * r['acceptance']:.1f}%" if r["acceptance"] is not None else "-"
-        tpf = f"{r['tokens_per_forward']:.2f}" if r["tokens_per_forward"] else "-"
-        print(f"{name:<14} {r['decode_tps']:>12.1f} {r['decode_tps'] / plain:>8.2f}x {acc:>7} {tpf:>8}")
-    report = {
-        "model": args.model, "drafter": args.drafter, "prompt_tokens": len(ids),
-        "max_tokens": args.max_tokens, "runs": args.runs, "warmup": args.warmup,
-        "device": str(mx.default_device()), "machine": platform.machine(), "results": results,
-    }
-    if "mlx-lm plain" in results:
-        report["ours_over_mlx_lm_plain"] = plain / results["mlx-lm plain"]["decode_tps"]
-        print(f"our plain / mlx-lm plain: {report['ours_over_mlx_lm_plain']:.3f}")
+        ratio = f"{r['decode_tps'] / plain:.2f}x" if plain else "-"
+        name = spec if len(spec) <= 28 else "..." + spec[-25:]
+        print(f"{name:<28} {b:>2} {case:<7} {r['decode_tps']:>8.1f} {ratio:>8} {acc:>7} "
+              f"{r['tokens_per_forward']:>8.2f} {r['mean_k']:>7.2f} {100 * r['parked']:>6.0f}%")
+        report["results"].append({"pair": spec, "batch": b, "case": case, **r})
+    for spec in pairs:
+        for b in args.batch:
+            got = {c: results[(spec, b, c)]["decode_tps"] for c in args.cases if (spec, b, c) in results}
+            fixed = {c: v for c, v in got.items() if c.isdigit()}
+            row = {"pair": spec, "batch": b}
+            if "auto" in got and "plain" in got:
+                row["auto_over_plain"] = got["auto"] / got["plain"]
+            if "auto" in got and fixed:
+                best = max(fixed, key=fixed.get)
+                row["best_fixed_k"] = int(best)
+                row["auto_over_best_fixed"] = got["auto"] / fixed[best]
+            if (spec, b, "mlx-lm") in results and "plain" in got:
+                row["plain_over_mlx_lm"] = got["plain"] / results[(spec, b, "mlx-lm")]["decode_tps"]
+            report["summary"].append(row)
+            print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

@@ -899,17 +899,12 @@ def eval_prompts(tok, files: list, n_raw: int, n_chat: int, seed: int) -> list[d
 
 
 def run_ours(pair, ids: list, k: int, max_tokens: int) -> dict:
-    from mtp_mlx.decoding.loop import generate_step, speculative_generate_step
+    from mtp_mlx.decoding.engine import Engine, bare_pair, generate_ids
 
-    if k == 0:
-        steps = list(generate_step(pair.target, ids, max_tokens=max_tokens, eos_ids=EOS_IDS))
-    else:
-        steps = list(speculative_generate_step(pair.target, pair.drafter, ids, max_tokens=max_tokens,
-                                               num_draft=k, eos_ids=EOS_IDS))
-    rounds = steps[1:]
-    return {"tokens": [t for s in steps for t in s.tokens], "rounds": len(rounds),
-            "round_tokens": sum(len(s.tokens) for s in rounds),
-            "drafted": sum(s.drafted for s in rounds), "accepted": sum(s.accepted for s in rounds)}
+    engine = Engine(bare_pair(pair.target, pair.drafter if k else None, eos_ids=EOS_IDS), max_batch=1)
+    ((tokens, st),) = generate_ids(engine, [ids], max_tokens=max_tokens, num_draft=k)
+    return {"tokens": tokens, "rounds": st.rounds, "round_tokens": max(0, st.generation_tokens - 1),
+            "drafted": st.drafted, "accepted": st.accepted}
 
 
 def evaluate_ours(pair, prompts: list, ks, max_tokens: int) -> dict:

@@ -7,7 +7,7 @@ import pytest
 from mtp_mlx.api import batch_generate
 from mtp_mlx.errors import MtpError
 from mtp_mlx.loading import load
-from mtp_mlx.decoding.loop import generate_step, speculative_generate_batch, speculative_generate_step
+from tests.decode import plain, rounds, run, spec
 
 
 def _ids(n, seed):
@@ -19,43 +19,30 @@ def agree(fixtures):
     return load(str(fixtures / "agree" / "target"), str(fixtures / "agree" / "assistant"))
 
 
-def _collect(batch_steps, n):
-    toks = [[] for _ in range(n)]
-    rounds = [[] for _ in range(n)]
-    for step in batch_steps:
-        for r, s in step.items():
-            toks[r].extend(s.tokens)
-            if s.drafted:
-                rounds[r].append(s.accepted)
-    return toks, rounds
-
-
 def test_batch_rows_equal_single_runs(agree):
     # Mixed prompt lengths (shorter and longer than the 32-token window), two equal lengths
     # (prefilled together), different budgets so rows leave the batch at different times.
     prompts = [_ids(5, 1), _ids(40, 2), _ids(17, 3), _ids(40, 4), _ids(70, 5)]
     budgets = [60, 45, 80, 12, 70]
     t, d = agree.target, agree.drafter
-    toks, rounds = _collect(speculative_generate_batch(t, d, prompts, max_tokens=budgets, num_draft=4), 5)
+    toks, events = run(t, d, prompts, budgets, 4)
     for r, (p, m) in enumerate(zip(prompts, budgets)):
-        alone = [x for s in speculative_generate_step(t, d, p, max_tokens=m, num_draft=4) for x in s.tokens]
-        plain = [x for s in generate_step(t, p, max_tokens=m) for x in s.tokens]
-        assert toks[r] == alone == plain, f"row {r}"
+        assert toks[r] == spec(t, d, p, m, 4) == plain(t, p, m), f"row {r}"
         assert len(toks[r]) == m
     # Rows were not clamped to a common acceptance: in some round rows accepted differently.
-    flat = [a for rr in rounds for a in rr]
+    flat = [a for ev in events for k, a in rounds(ev) if k == 4]
     assert 0 in flat and 4 in flat and any(0 < a < 4 for a in flat)
 
 
 def test_batch_eos_per_row(agree):
     t, d = agree.target, agree.drafter
     prompts = [_ids(9, 6), _ids(33, 7)]
-    plain = [[x for s in generate_step(t, p, max_tokens=30) for x in s.tokens] for p in prompts]
-    eos = plain[0][7]
-    toks, _ = _collect(speculative_generate_batch(t, d, prompts, max_tokens=30, num_draft=3, eos_ids=[eos]), 2)
+    ref = [plain(t, p, 30) for p in prompts]
+    eos = ref[0][7]
+    toks, _ = run(t, d, prompts, 30, 3, eos_ids=[eos])
     for r in range(2):
-        cut = plain[r].index(eos) if eos in plain[r] else 30
-        assert toks[r] == plain[r][:cut]
+        cut = ref[r].index(eos) if eos in ref[r] else 30
+        assert toks[r] == ref[r][:cut]
 
 
 def test_batch_api_order_and_limits(agree):
@@ -92,10 +79,10 @@ def test_long_greedy_generation_equals_plain_on_trained_like_pair(agree, positio
     times), with a real drafter whose rounds are fully, partly and not at all accepted."""
     t, d = agree.target, agree.drafter
     prompt = _ids(45, 11)
-    plain = [x for s in generate_step(t, prompt, max_tokens=530) for x in s.tokens]
-    steps = list(speculative_generate_step(t, d, prompt, max_tokens=530, num_draft=3, position=position))
-    assert [x for s in steps for x in s.tokens] == plain and len(plain) == 530
-    acc = [s.accepted for s in steps[1:] if s.drafted == 3]
+    ref = plain(t, prompt, 530)
+    (toks,), (events,) = run(t, d, [prompt], 530, 3, position=position)
+    assert toks == ref and len(ref) == 530
+    acc = [a for k, a in rounds(events) if k == 3]
     assert 0 in acc and 3 in acc and any(0 < a < 3 for a in acc)
 
 
@@ -107,22 +94,23 @@ def test_half_precision_greedy_stays_identical(fixtures):
     t, d = pair.target, pair.drafter
     for seed in range(4):
         prompt = _ids(40 + 7 * seed, 100 + seed)
-        plain = [x for s in generate_step(t, prompt, max_tokens=120) for x in s.tokens]
+        ref = plain(t, prompt, 120)
         for k in (1, 3, 6):
-            spec = [x for s in speculative_generate_step(t, d, prompt, max_tokens=120, num_draft=k) for x in s.tokens]
-            assert spec == plain, (seed, k)
+            assert spec(t, d, prompt, 120, k) == ref, (seed, k)
 
 
 def test_ring_layout_does_not_depend_on_k():
     """The invariant behind bitwise-equal verify and decode: position p sits in the same ring
     slot in plain and speculative runs (with K-sized rings an fp16 near-tie once flipped)."""
-    from mtp_mlx.sampling import SamplingConfig
-    from mtp_mlx.decoding.loop import _start
-    from tests.tiny import tiny_target
+    from mtp_mlx.decoding.batch import Batch, RowSpec
+    from tests.tiny import tiny_drafter, tiny_target
 
     t = tiny_target("e2b", window=8)
     caps = set()
     for k in (0, 1, 3, 8):
-        cache = _start(t, [list(range(3, 30))], 10, (), SamplingConfig(), (), k)[0]
-        caps.add(tuple(c.capacity for c in cache.layers.values()))
+        batch = Batch(t, tiny_drafter(t) if k else None)
+        batch.insert(RowSpec(0, list(range(3, 30))))
+        batch.step()
+        batch.step({0: k})
+        caps.add(tuple(c.capacity for c in batch.cache.layers.values()))
     assert len(caps) == 1

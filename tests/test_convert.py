@@ -238,9 +238,7 @@ def test_8bit_target_matches_mlx_lm_and_runs_speculatively(fx, tmp_path):
     model, _ = mlx_lm.load(str(out))
     ids = mx.array([pair.tokenizer.encode(PROMPT)])
     assert mx.allclose(model(ids), _logits(pair), atol=1e-4).item()
-    from mtp_mlx.decoding.loop import generate_step, speculative_generate_step
+    from tests.decode import plain, spec
 
     prompt = pair.tokenizer.encode(PROMPT)
-    plain = [t for s in generate_step(pair.target, prompt, max_tokens=40) for t in s.tokens]
-    spec = [t for s in speculative_generate_step(pair.target, pair.drafter, prompt, max_tokens=40) for t in s.tokens]
-    assert spec == plain
+    assert spec(pair.target, pair.drafter, prompt, 40, 4) == plain(pair.target, prompt, 40)

@@ -44,12 +44,10 @@ def _prompt_ids(pair, p):
 
 
 def _run(pair, ids, k, max_tokens, eos=EOS_IDS):
-    from mtp_mlx.decoding.loop import generate_step, speculative_generate_step
+    """The engine's events for one prompt (k = 0: the target alone)."""
+    from tests.decode import run
 
-    if k == 0:
-        return list(generate_step(pair.target, ids, max_tokens=max_tokens, eos_ids=eos))
-    return list(speculative_generate_step(pair.target, pair.drafter, ids, max_tokens=max_tokens,
-                                          num_draft=k, eos_ids=eos))
+    return run(pair.target, pair.drafter if k else None, [ids], max_tokens, k, eos_ids=eos)[1][0]
 
 
 def test_loads_from_the_package(pair):

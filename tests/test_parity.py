@@ -10,7 +10,8 @@ import pytest
 from mtp_mlx.cache import KVView
 from mtp_mlx.loading.weights import load_drafter, load_target
 from mtp_mlx.decoding.draft import hf_draft_context
-from mtp_mlx.decoding.loop import generate_step, speculative_generate_step
+from mtp_mlx.decoding.reference import hf_parity_rounds
+from tests.decode import plain
 from tests import reference as ref
 
 TOL = 1e-4
@@ -117,7 +118,7 @@ def test_reference_parity_mode_drafts_equal_reference_candidates(fixtures, kind)
     prompt = _ids(40, 3)  # longer than the window: the sliding K/V wrap during the run
     expect = ref.hf_assisted_greedy(tpath, dpath, prompt, max_new_tokens=48, num_assistant_tokens=4,
                                     eos_token_id=None)
-    steps = list(speculative_generate_step(target, drafter, prompt, max_tokens=48, num_draft=4, position="hf"))
+    steps = list(hf_parity_rounds(target, drafter, prompt, max_tokens=48, num_draft=4))
     ours = [s.drafts for s in steps[1:]]
     theirs = [r["drafts"] for r in expect["rounds"]]
     assert ours == theirs
@@ -129,5 +130,4 @@ def test_plain_greedy_equals_reference_greedy(fixtures, kind):
     path = fixtures / kind / "target"
     target, _ = load_target(path)
     prompt = _ids(40, 5)
-    ours = [t for s in generate_step(target, prompt, max_tokens=40) for t in s.tokens]
-    assert ours == list(ref.hf_greedy(path, prompt, 40, eos_token_id=None))
+    assert plain(target, prompt, 40) == list(ref.hf_greedy(path, prompt, 40, eos_token_id=None))

@@ -13,7 +13,8 @@ from mtp_mlx.models.gemma4_assistant import Model as Drafter
 from mtp_mlx.models.gemma4_text import Model as Target
 from mtp_mlx.sampling import SamplingConfig, log_probs, repetition_penalty
 from mtp_mlx.decoding.accept import accept_exact_match, accept_sampled
-from mtp_mlx.decoding.loop import generate_batch, generate_step, speculative_generate_batch, speculative_generate_step
+from mtp_mlx.decoding.batch import Batch, RowSpec
+from tests.decode import plain, run, spec
 from tests.tiny import _perturb, tiny_drafter, tiny_target
 
 ROWS = 4000  # scripted rule checks draw this many independent rows at once
@@ -165,16 +166,55 @@ def _exact_joint(target):
     return p1[:, None, None] * p2[:, :, None] * p3
 
 
-def _counts(batches):
+def _counts(runs):
+    """Joint counts of the first three tokens over runs of token lists."""
     counts = np.zeros(V**3)
-    for run in batches:
-        toks = {}
-        for step in run:
-            for row, s in step.items():
-                toks.setdefault(row, []).extend(s.tokens)
-        for t in toks.values():
+    for rows in runs:
+        for t in rows:
             counts[t[0] * V * V + t[1] * V + t[2]] += 1
     return counts
+
+
+def _batch_run(target, drafter, seed0, k, coupled, join=False):
+    """BATCH rows of PROMPT, each with its own seed, decoded together on a Batch to 3 tokens.
+    join=True: they join a batch already running other rows (at a later round)."""
+    batch = Batch(target, drafter, prefill_group=BATCH)
+    cfg = SamplingConfig(**CFG)
+    if join:
+        for i in range(3):
+            batch.insert(RowSpec(10_000 + i, [2, 4, 6, 1][: i + 2], cfg, seed=seed0 + 50_000 + i, coupled=coupled))
+        for _ in range(4):
+            batch.step({u: k for u in batch.uids})
+    runners = set(batch.uids) | set(batch.prefilling)
+    for i in range(BATCH):
+        batch.insert(RowSpec(i, list(PROMPT), cfg, seed=seed0 * BATCH + i, coupled=coupled))
+    toks = {i: [] for i in range(BATCH)}
+    while any(len(t) < 3 for t in toks.values()):
+        for uid, out in batch.step({u: k for u in batch.uids}).items():
+            if uid in toks:
+                toks[uid].extend(out.tokens)
+        batch.remove([u for u, t in toks.items() if len(t) >= 3] + [u for u in runners if u in batch.uids])
+    return [t[:3] for t in toks.values()]
+
+
+def _first_token_counts(target, drafter, rule, seed):
+    """One speculative round of K=1 straight through a rule: first emitted token counts."""
+    cfg = SamplingConfig(**CFG)
+    ids = mx.array([PROMPT] * DRAWS)
+    out = target(ids, target.make_cache())
+    cache = target.make_cache()
+    target(ids[:, :-1], cache)
+    res = target(ids[:, -1:], cache)
+    from mtp_mlx.decoding.draft import draft_context
+    ctx = draft_context(cache, target.cfg.sliding_window)
+    hd, _ = drafter(target.embed(mx.argmax(res.logits, -1).astype(mx.int32)), res.hidden, ctx.kv, ctx.q_pos, ctx.masks)
+    del out
+    lq = log_probs(drafter.logits(hd), cfg)  # [N, 1, V]
+    d = mx.random.categorical(lq, axis=-1, key=mx.random.key(seed)).astype(mx.int32)
+    lp = log_probs(mx.concatenate([res.logits, res.logits], axis=1), cfg)  # p_0 then (unused) p_1
+    n, nxt = rule(d, lq, lp, mx.random.key(seed + 1))
+    first = np.where(np.array(n) == 1, np.array(d)[:, 0], np.array(nxt))
+    return np.bincount(first, minlength=V), np.exp(np.array(lp[0, 0]))
 
 
 def _chi_square_pvalue(counts, expected_p):
@@ -193,26 +233,24 @@ def _chi_square_pvalue(counts, expected_p):
     return 0.5 * math.erfc(z / math.sqrt(2))
 
 
-def _speculative(target, drafter, seed, rule=accept_sampled):
-    return speculative_generate_batch(target, drafter, [PROMPT] * BATCH, max_tokens=3, num_draft=2,
-                                      sampling=SamplingConfig(seed=seed, **CFG), accept=rule)
-
-
 # Threshold: a correct sampler fails with probability 1e-3 for a given seed (the seeds are
 # fixed, so the test is deterministic); the biased rule below gives p-values < 1e-10.
 ALPHA = 1e-3
 
 
-def test_first_three_tokens_have_the_target_distribution():
+@pytest.mark.parametrize("mode", ["plain", "rejection", "rejection-joined", "coupled-joined"])
+def test_first_three_tokens_have_the_target_distribution(mode):
+    """Plain sampling, speculative sampling under each rule, and rows that joined a running
+    batch: the first three tokens follow the exact joint distribution."""
     target, drafter = _toy_pair()
     expect = _exact_joint(target)
     runs = DRAWS // BATCH
-    plain = _counts(generate_batch(target, [PROMPT] * BATCH, max_tokens=3,
-                                   sampling=SamplingConfig(seed=100 + s, **CFG)) for s in range(runs))
-    spec = _counts(_speculative(target, drafter, 200 + s) for s in range(runs))
-    assert plain.sum() == spec.sum() == DRAWS
-    assert _chi_square_pvalue(plain, expect) > ALPHA
-    assert _chi_square_pvalue(spec, expect) > ALPHA
+    rule = mode.split("-")[0]
+    drafter_or_none = None if rule == "plain" else drafter
+    counts = _counts(_batch_run(target, drafter_or_none, 100 + s, 0 if rule == "plain" else 2,
+                                coupled=rule == "coupled", join=mode.endswith("joined")) for s in range(runs))
+    assert counts.sum() == DRAWS
+    assert _chi_square_pvalue(counts, expect) > ALPHA
 
 
 def _biased_accept(drafts, q_logp, p_logp, key):
@@ -224,28 +262,33 @@ def _biased_accept(drafts, q_logp, p_logp, key):
 
 def test_the_check_catches_a_biased_rule():
     target, drafter = _toy_pair()
-    expect = _exact_joint(target)
-    biased = _counts(_speculative(target, drafter, 300 + s, _biased_accept) for s in range(DRAWS // BATCH))
-    assert _chi_square_pvalue(biased, expect) < ALPHA
+    good, p1 = _first_token_counts(target, drafter, accept_sampled, 300)
+    bad, _ = _first_token_counts(target, drafter, _biased_accept, 300)
+    assert _chi_square_pvalue(good, p1) > ALPHA
+    assert _chi_square_pvalue(bad, p1) < ALPHA
 
 
 # ---- seeds and processors --------------------------------------------------------------
 
 
-def _tokens(steps):
-    return [t for s in steps for t in s.tokens]
-
-
 def test_seeded_runs_are_reproducible_and_seeds_differ():
     target = tiny_target("e2b")
     drafter = tiny_drafter(target)
-    def run(seed):
-        return _tokens(speculative_generate_step(
-            target, drafter, [5, 6, 7], max_tokens=24, num_draft=3,
-            sampling=SamplingConfig(temperature=1.0, top_k=64, top_p=0.95, seed=seed)))
 
-    assert run(1) == run(1)
-    assert run(1) != run(2)
+    def go(seed):
+        return spec(target, drafter, [5, 6, 7], 24, 3,
+                    sampling=SamplingConfig(temperature=1.0, top_k=64, top_p=0.95, seed=seed))
+
+    assert go(1) == go(1)
+    assert go(1) != go(2)
+
+
+def test_unseeded_runs_differ():
+    target = tiny_target("e2b")
+    drafter = tiny_drafter(target)
+    cfg = SamplingConfig(temperature=1.0)
+    assert spec(target, drafter, [5, 6, 7], 24, 3, sampling=cfg) != spec(target, drafter, [5, 6, 7], 24, 3, sampling=cfg)
+    assert plain(target, [5, 6, 7], 24, sampling=cfg) != plain(target, [5, 6, 7], 24, sampling=cfg)
 
 
 def test_processors_see_only_committed_tokens_and_greedy_penalty_matches_plain():
@@ -259,17 +302,12 @@ def test_processors_see_only_committed_tokens_and_greedy_penalty_matches_plain()
 
     penalty = SamplingConfig(repetition_penalty=1.3)
     prompt = [5, 6, 7, 5, 6]
-    plain = _tokens(generate_step(target, prompt, max_tokens=40, sampling=penalty))
-    steps = list(speculative_generate_step(target, drafter, prompt, max_tokens=40, num_draft=3,
-                                           sampling=penalty, processors=[recorder]))
-    assert _tokens(steps) == plain
-    final = prompt + plain
-    # Each call sees committed tokens then, at verify position j, the drafts before j:
-    # the part before the current round's drafts is always a prefix of the final output.
-    rounds = [s for s in steps[1:]]
+    ref = plain(target, prompt, 40, sampling=penalty)
+    assert spec(target, drafter, prompt, 40, 3, sampling=penalty, processors=[recorder]) == ref
+    final = prompt + ref
+    assert seen
     for h in seen:
-        committed = h[: len(h)]
-        assert committed[: len(prompt)] == prompt
+        assert h[: len(prompt) - 1] == prompt[:-1]
     # No history ever continues past a rejected draft into a later round: every history is
     # the final sequence up to some point, plus at most K drafts of the round in flight.
     for h in seen:
@@ -277,7 +315,6 @@ def test_processors_see_only_committed_tokens_and_greedy_penalty_matches_plain()
         while i < len(h) and i < len(final) and h[i] == final[i]:
             i += 1
         assert len(h) - i <= 3, (h, final)
-    assert rounds
 
 
 def test_repetition_penalty_processor():

@@ -12,7 +12,7 @@ Greedy: drafts equal to the target's argmax are kept. Sampled, two lossless rule
     joined; it accepts less than rejection sampling when p and q differ.
 """
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import mlx.core as mx
 
@@ -51,18 +51,22 @@ def accept_sampled(
     return accept_rejection(drafts, q_logp, p_logp, u, g)
 
 
-def accept_rejection(drafts: mx.array, q_logp: mx.array, p_logp: mx.array, u: mx.array, g: mx.array):
+def accept_rejection(drafts: mx.array, q_logp: mx.array, p_logp: mx.array, u: mx.array, g: mx.array,
+                     kcap: Optional[mx.array] = None):
     """``accept_sampled`` with its noise given: uniforms u [B, K] for the accept tests and
     Gumbel noise g [B, K+1, V], one per verify position, of which the position after the
-    accepted run draws the next token. Returns (n [B], next [B])."""
+    accepted run draws the next token. ``kcap`` [B]: row b's own draft length (drafts past
+    it are never accepted and its full run ends there). Returns (n [B], next [B])."""
     B, K = drafts.shape
     d = drafts[..., None].astype(mx.int32)
     p_d = mx.exp(mx.take_along_axis(p_logp[:, :K], d, axis=-1))[..., 0]  # p_{i-1}(d_i)
     q_d = mx.exp(mx.take_along_axis(q_logp, d, axis=-1))[..., 0]  # q_i(d_i)
-    ok = (u * q_d < p_d).astype(mx.int32)  # u < p/q without dividing by q
-    n = mx.cumprod(ok, axis=1).sum(axis=1) if K else mx.zeros((B,), mx.int32)
+    ok = u * q_d < p_d  # u < p/q without dividing by q
+    if kcap is not None:
+        ok = ok & (mx.arange(K)[None] < kcap[:, None])
+    n = mx.cumprod(ok.astype(mx.int32), axis=1).sum(axis=1) if K else mx.zeros((B,), mx.int32)
     g_n = mx.take_along_axis(g, n[:, None, None], axis=1)[:, 0]
-    return n, residual_draw(n, q_logp, p_logp, g_n)
+    return n, residual_draw(n, q_logp, p_logp, g_n, kcap)
 
 
 def accept_coupled(drafts: mx.array, p_logp: mx.array, g: mx.array) -> Tuple[mx.array, mx.array, mx.array]:
@@ -72,14 +76,16 @@ def accept_coupled(drafts: mx.array, p_logp: mx.array, g: mx.array) -> Tuple[mx.
     return accept_greedy(drafts, p_logp + g)
 
 
-def residual_draw(n: mx.array, q_logp: mx.array, p_logp: mx.array, g: mx.array) -> mx.array:
-    """The token after n accepted drafts: from norm(max(p_n - q_{n+1}, 0)) if n < K, else p_K,
-    drawn by Gumbel-max with the noise g [B, V]."""
+def residual_draw(n: mx.array, q_logp: mx.array, p_logp: mx.array, g: mx.array,
+                  kcap: Optional[mx.array] = None) -> mx.array:
+    """The token after n accepted drafts: from norm(max(p_n - q_{n+1}, 0)) if n < K (the row's
+    ``kcap``), else p_n, drawn by Gumbel-max with the noise g [B, V]."""
     K = q_logp.shape[1]
+    limit = kcap if kcap is not None else K
     p_n = mx.exp(mx.take_along_axis(p_logp, n[:, None, None], axis=1)[:, 0])  # [B, V]
     if K:
         q_next = mx.exp(mx.take_along_axis(q_logp, mx.minimum(n, K - 1)[:, None, None], axis=1)[:, 0])
-        q_next = mx.where((n < K)[:, None], q_next, 0.0)
+        q_next = mx.where((n < limit)[:, None], q_next, 0.0)
         resid = mx.maximum(p_n - q_next, 0.0)
         # p == q on the support leaves no residual mass; that happens only through rounding
         # (such a draft is accepted with probability 1), so fall back to p_n.

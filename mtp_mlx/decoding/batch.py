@@ -19,10 +19,11 @@ K (``mtp_mlx.decoding.engine``).
 """
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence
 
 import mlx.core as mx
+import numpy as np
 
 from ..cache import TargetCache
 from ..limits import MAX_BATCH, MAX_DRAFT, PREFILL_STEP
@@ -34,7 +35,7 @@ from ..sampling import (
     apply_processors,
     gumbel,
     log_probs,
-    noise_keys,
+    stream_key,
     uniform,
 )
 from .accept import accept_coupled, accept_greedy, accept_rejection
@@ -84,6 +85,8 @@ class _Row:
         self.processors = list(spec.processors) + spec.sampling.processors()
         self.history: List[int] = list(spec.prompt[:-1])
         self.bonus: int = -1  # the newest emitted token (host copy of Batch.bonus)
+        # Rows with equal settings are sampled together (the seed only picks the noise).
+        self.group = (replace(self.cfg, seed=None), spec.coupled, spec.uid if self.processors else None)
 
     @property
     def uid(self) -> int:
@@ -99,19 +102,9 @@ class _Row:
             hist = mx.concatenate([hist, prefix.astype(mx.int32)])
         return apply_processors(self.processors, hist, chunk, logits)
 
-    def noise(self, positions: Sequence[int], purpose: int, vocab: int) -> mx.array:
-        return gumbel(noise_keys(self.spec.seed, self.spec.request_index, positions, purpose), vocab)
+    def keys(self, positions, purpose: int) -> list:
+        return [stream_key(self.spec.seed, self.spec.request_index, p, purpose) for p in positions]
 
-    def uniforms(self, positions: Sequence[int]) -> mx.array:
-        return uniform(noise_keys(self.spec.seed, self.spec.request_index, positions, NOISE_ACCEPT))
-
-    def pick(self, logits: mx.array, chunk: mx.array, position: int) -> mx.array:
-        """The token [1] at ``position`` from the last row of logits [1, L, V]."""
-        last = self.processed(chunk, logits)[:, -1]
-        if self.cfg.greedy:
-            return mx.argmax(last, axis=-1).astype(mx.int32)
-        lp = log_probs(last, self.cfg)
-        return mx.argmax(lp + self.noise([position], NOISE_TARGET, lp.shape[-1]), axis=-1).astype(mx.int32)
 
 
 class _Prefill:
@@ -121,7 +114,13 @@ class _Prefill:
         self.rows = rows
         self.cache = cache
         self.done = start  # prompt tokens already in the cache
-        self.ids = mx.array([r.spec.prompt for r in rows], dtype=mx.int32)
+        self._ids = None
+
+    @property
+    def ids(self) -> mx.array:
+        if self._ids is None or self._ids.shape[0] != len(self.rows):
+            self._ids = mx.array([r.spec.prompt for r in self.rows], dtype=mx.int32)
+        return self._ids
 
     @property
     def length(self) -> int:
@@ -131,8 +130,10 @@ class _Prefill:
 class Batch:
     """Rows decoded together; see the module docstring."""
 
-    def __init__(self, target, drafter=None, *, position: str = "B", attention: str = "auto"):
+    def __init__(self, target, drafter=None, *, position: str = "B", attention: str = "auto",
+                 prefill_group: int = MAX_BATCH):
         self.target = target
+        self.prefill_group = prefill_group  # most rows prefilled together
         self.drafter = drafter
         self.position = position
         self.attention = attention
@@ -160,9 +161,8 @@ class Batch:
         row = _Row(spec)
         if cache is None:
             for job in self.pending:
-                if job.done == 0 and job.length == len(spec.prompt) and len(job.rows) < MAX_BATCH:
+                if job.done == 0 and job.length == len(spec.prompt) and len(job.rows) < self.prefill_group:
                     job.rows.append(row)
-                    job.ids = mx.array([r.spec.prompt for r in job.rows], dtype=mx.int32)
                     return
             cache = self.target.make_cache(max_draft=MAX_DRAFT)
         self.pending.append(_Prefill([row], cache, cached))
@@ -187,7 +187,6 @@ class Batch:
             keep = [i for i, r in enumerate(job.rows) if r.uid not in uids]
             if len(keep) < len(job.rows) and keep:
                 job.rows = [job.rows[i] for i in keep]
-                job.ids = job.ids[mx.array(keep)]
                 if job.done:
                     job.cache.select(keep)
             elif not keep:
@@ -229,6 +228,7 @@ class Batch:
         q = None
         if K == 0:
             drafts = mx.zeros((B, 0), mx.int32)
+            q = mx.zeros((B, 0, 1))
         elif greedy and not any(r.processors for r in rows):
             drafts = self._draft_greedy(K)
         else:
@@ -276,53 +276,38 @@ class Batch:
         return mx.concatenate(out, axis=1).astype(mx.int32)
 
     def _draft_sampled(self, K: int, kb: List[int], P: List[int]):
-        """Drafts [B, K] and, per rejection-sampled row b, its q log-probs [1, K, V]. Greedy
-        rows take the drafter's argmax; sampled rows draw from their filtered q with their
-        own noise (the target's noise for coupled rows). Processors see the row's history,
-        the bonus and the drafts so far."""
+        """Drafts [B, K] and q log-probs [B, K, V] (zeros for rows that are not rejection-
+        sampled). Greedy rows take the drafter's argmax; sampled rows draw from their filtered
+        q with their own noise (the target's noise for coupled rows). Processors see the
+        row's history, the bonus and the drafts so far."""
         ctx = draft_context(self.cache, self.window, self.position)
-        rows = self.rows
+        groups = _groups(self.rows)
         token, hidden, seen = self.bonus, self.hidden, self.bonus  # seen [B, j+1]
-        qs: Dict[int, List[mx.array]] = {b: [] for b, r in enumerate(rows) if not r.cfg.greedy and not r.spec.coupled}
+        qs = []
         for j in range(K):
             hd, hidden = self.drafter(self.target.embed(token), hidden, ctx.kv, ctx.q_pos, ctx.masks, self.attention)
-            full = self.drafter.logits(hd)  # [B, 1, V]
-            picks = []
-            for b, r in enumerate(rows):
-                lg = r.processed(seen[b, -1:], full[b : b + 1], prefix=seen[b, :-1])  # [1, 1, V]
-                if r.cfg.greedy:
-                    picks.append(mx.argmax(lg[:, 0], axis=-1))
+            full = self.drafter.logits(hd)[:, 0]  # [B, V]
+            picks, q_j = [], []
+            for idx, rows in groups:
+                lg = _processed_rows(rows, idx, full[:, None], seen[:, -1:], seen[:, :-1])[:, 0]  # [G, V]
+                cfg = rows[0].cfg
+                if cfg.greedy:
+                    picks.append(mx.argmax(lg, axis=-1))
+                    q_j.append(mx.zeros_like(lg))
                     continue
-                lq = log_probs(lg, r.cfg)
-                g = r.noise([P[b] + j + 1], NOISE_TARGET if r.spec.coupled else NOISE_DRAFT, lq.shape[-1])
-                picks.append(mx.argmax(lq[:, 0] + g, axis=-1))
-                if b in qs:
-                    qs[b].append(lq)
-            token = mx.concatenate(picks).astype(mx.int32)[:, None]  # [B, 1]
+                lq = log_probs(lg, cfg)
+                purpose = NOISE_TARGET if rows[0].spec.coupled else NOISE_DRAFT
+                g = gumbel(_keys(rows, [[P[b] + j + 1] for b in idx], purpose), lq.shape[-1])
+                picks.append(mx.argmax(lq + g, axis=-1))
+                q_j.append(lq)
+            token = _ungroup(groups, picks).astype(mx.int32)[:, None]  # [B, 1]
+            qs.append(_ungroup(groups, q_j)[:, None])
             seen = mx.concatenate([seen, token], axis=1)
-        return seen[:, 1:], {b: mx.concatenate(v, axis=1) for b, v in qs.items()}
+        return seen[:, 1:], mx.concatenate(qs, axis=1)
 
     def _accept_sampled(self, chunk, drafts, q, logits, kb, P):
-        """Per row, its own rule on its own k_b drafts. Returns (n [B], next [B])."""
-        ns, nxts = [], []
-        for b, r in enumerate(self.rows):
-            k = kb[b]
-            d = drafts[b : b + 1, :k]
-            lg = r.processed(chunk[b], logits[b : b + 1])[:, : k + 1]  # [1, k+1, V]
-            if r.cfg.greedy:
-                n, nxt, _ = accept_greedy(d, lg)
-            else:
-                lp = log_probs(lg, r.cfg)
-                g = r.noise(range(P[b] + 1, P[b] + k + 2), NOISE_TARGET, lp.shape[-1])[None]  # [1, k+1, V]
-                if r.spec.coupled:
-                    n, nxt, _ = accept_coupled(d, lp, g)
-                else:
-                    u = r.uniforms(range(P[b] + 1, P[b] + k + 1))[None] if k else mx.zeros((1, 0))
-                    q_b = q[b][:, :k] if q is not None and b in q else mx.zeros((1, 0, lp.shape[-1]))
-                    n, nxt = accept_rejection(d, q_b, lp, u, g)
-            ns.append(n.astype(mx.int32))
-            nxts.append(nxt.astype(mx.int32))
-        return mx.concatenate(ns), mx.concatenate(nxts)
+        """Each group of rows by its own rule, each row on its own k_b drafts."""
+        return _select(self.rows, chunk, drafts, q, logits, kb, P)
 
     def _logprobs(self, chunk, drafts, logits, n, nxt) -> Dict[int, tuple]:
         """Per row that asked for them: the target's log-probs of what each verify position
@@ -358,9 +343,9 @@ class Batch:
             # The last prompt token alone: its logits give the first token.
             res = self.target(job.ids[:, P - 1 :], job.cache, attn_backend=self.attention)
             job.done = P
-            first = mx.concatenate([
-                r.pick(res.logits[g : g + 1], job.ids[g, P - 1 :], P) for g, r in enumerate(job.rows)
-            ])
+            G = len(job.rows)
+            _, first = _select(job.rows, job.ids[:, P - 1 :], mx.zeros((G, 0), mx.int32), mx.zeros((G, 0, 1)),
+                               res.logits, [0] * G, [P - 1] * G)
             lps = {g: _row_logprobs(r, job.ids[g, P - 1 :], res.logits[g : g + 1], first[g : g + 1])
                    for g, r in enumerate(job.rows) if r.spec.logprobs is not None}
             lazy.extend([first, res.hidden] + [x for v in lps.values() for x in v])
@@ -384,6 +369,76 @@ class Batch:
             self.bonus = mx.concatenate([self.bonus, bonus])
             self.hidden = mx.concatenate([self.hidden, hidden])
         return out
+
+
+def _groups(rows: List[_Row]) -> List[tuple]:
+    """[(batch indices, rows)] of rows sampled together."""
+    out: Dict[tuple, tuple] = {}
+    for b, r in enumerate(rows):
+        out.setdefault(r.group, ([], []))
+        out[r.group][0].append(b)
+        out[r.group][1].append(r)
+    return list(out.values())
+
+
+def _ungroup(groups, parts: List[mx.array]) -> mx.array:
+    """Concatenate per-group results and put them back in batch order."""
+    order = [b for idx, _ in groups for b in idx]
+    cat = mx.concatenate(parts) if len(parts) > 1 else parts[0]
+    if order == sorted(order):
+        return cat
+    inv = [0] * len(order)
+    for pos, b in enumerate(order):
+        inv[b] = pos
+    return cat[mx.array(inv)]
+
+
+def _keys(rows: List[_Row], positions: List[List[int]], purpose: int) -> mx.array:
+    """PRNG keys [G * n, 2]: row i's keys for its positions, rows in order."""
+    words = [w for r, ps in zip(rows, positions) for w in r.keys(ps, purpose)]
+    return mx.array(np.array(words, dtype=np.uint32).reshape(len(words), 2))
+
+
+def _processed_rows(rows, idx, logits, chunk, prefix=None) -> mx.array:
+    """logits[idx] [G, L, V] after each row's processors (a group with processors is one row)."""
+    sel = logits[mx.array(idx)] if len(idx) != logits.shape[0] else logits
+    if not rows[0].processors:
+        return sel
+    b = idx[0]
+    return rows[0].processed(chunk[b], sel, prefix=None if prefix is None else prefix[b])
+
+
+def _select(rows: List[_Row], chunk, drafts, q, logits, kb: List[int], P: List[int]):
+    """The accepted count n [B] and the next token [B] of every row, group by group: greedy
+    rows by argmax, coupled rows by the coupled rule, the rest by rejection sampling; row b
+    accepts at most kb[b] drafts. P[b]: the position of chunk[b, 0]."""
+    K = drafts.shape[1]
+    ns, nxts = [], []
+    for idx, grp in _groups(rows):
+        sel = mx.array(idx)
+        d = drafts[sel] if K else mx.zeros((len(idx), 0), mx.int32)
+        kc = mx.array([kb[b] for b in idx], dtype=mx.int32)
+        lg = _processed_rows(grp, idx, logits, chunk)  # [G, K+1, V]
+        cfg = grp[0].cfg
+        positions = [list(range(P[b] + 1, P[b] + K + 2)) for b in idx]
+        if cfg.greedy or grp[0].spec.coupled:
+            if cfg.greedy:
+                n, _, choice = accept_greedy(d, lg)
+            else:
+                g = gumbel(_keys(grp, positions, NOISE_TARGET), lg.shape[-1]).reshape(lg.shape)
+                n, _, choice = accept_coupled(d, log_probs(lg, cfg), g)
+            n = mx.minimum(n, kc)
+            nxt = mx.take_along_axis(choice, n[:, None], axis=1)[:, 0]
+        else:
+            lp = log_probs(lg, cfg)
+            g = gumbel(_keys(grp, positions, NOISE_TARGET), lp.shape[-1]).reshape(lp.shape)
+            u = uniform(_keys(grp, [ps[:-1] for ps in positions], NOISE_ACCEPT)).reshape(len(idx), K) if K else \
+                mx.zeros((len(idx), 0))
+            n, nxt = accept_rejection(d, q[sel] if K else mx.zeros((len(idx), 0, lp.shape[-1])), lp, u, g, kcap=kc)
+        ns.append(n.astype(mx.int32))
+        nxts.append(nxt.astype(mx.int32))
+    groups = _groups(rows)
+    return _ungroup(groups, ns), _ungroup(groups, nxts)
 
 
 def _row_logprobs(r: _Row, chunk: mx.array, logits: mx.array, emitted: mx.array) -> tuple:

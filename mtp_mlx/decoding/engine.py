@@ -246,23 +246,21 @@ class Engine:
         self.batch.insert(lv.spec, cache, n)
 
     def _plan(self) -> Dict[int, int]:
-        """Each running row's K: at most its budget left minus the target's own token."""
+        """Each running row's K: a fixed K or the policy's choice, at most the row's budget
+        left minus the target's own token."""
         if self.drafter is None:
             return {}
-        caps, auto = {}, []
-        ks: Dict[int, int] = {}
-        for uid in self.batch.uids:
+        uids = self.batch.uids
+        caps, fixed = {}, {}
+        for uid in uids:
             lv = self.live[uid]
-            cap = max(0, min(MAX_DRAFT, lv.req.max_tokens - lv.emitted - 1))
-            if lv.req.num_draft == "auto":
-                auto.append(uid)
-                caps[uid] = cap
-            else:
-                ks[uid] = min(lv.req.num_draft, cap)
-        if auto and self.policy is not None:
-            plan = self.policy.plan(auto, caps)
-            ks.update({u: min(int(plan.get(u, 0)), caps[u]) for u in auto})
-        return ks
+            caps[uid] = max(0, min(MAX_DRAFT, lv.req.max_tokens - lv.emitted - 1))
+            if lv.req.num_draft != "auto":
+                fixed[uid] = min(lv.req.num_draft, caps[uid])
+        if self.policy is None or len(fixed) == len(uids):
+            return fixed
+        plan = self.policy.plan(uids, caps, fixed)
+        return {u: min(int(plan.get(u, 0)), caps[u]) for u in uids}
 
     def _emit(self, lv: _Live, out, now: float) -> Event:
         lv.batch_tokens.extend(out.tokens)
