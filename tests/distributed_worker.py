@@ -74,6 +74,35 @@ def generate(pair, prompts, num_draft, sampling=None, max_tokens=GEN, on_step=No
              "ks": list(stats[u].ks)} for u in uids]
 
 
+def serve_lockstep(pair, prompt, hot, rank, on_step):
+    """A server's loop: only rank 0 has requests (a sampled one, then a greedy one joining
+    at round 2, the first cancelled at round 6); every rank syncs then steps."""
+    from mtp_mlx.decoding.engine import Request, bare_pair
+    from mtp_mlx.distributed.engine import LockstepEngine
+
+    eng = LockstepEngine(bare_pair(pair.target, pair.drafter))
+    toks, reasons, i = {}, {}, 0
+    while True:
+        new, cancel = [], []
+        if rank == 0:
+            if i == 0:
+                new = [Request(list(prompt), max_tokens=GEN, sampling=hot, num_draft=3)]
+            if i == 2:
+                new = [Request(list(prompt), max_tokens=GEN, num_draft=3)]
+            if i == 6:
+                cancel = [0]
+        _, stop = eng.sync(new, cancel, stop=rank == 0 and i > 2 and eng.idle)
+        if stop:
+            break
+        for ev in eng.step():
+            toks.setdefault(str(ev.uid), []).extend(ev.tokens)
+            if ev.finish_reason:
+                reasons[str(ev.uid)] = ev.finish_reason
+        on_step(i)
+        i += 1
+    return {"tokens": toks, "reasons": reasons, "steps": i}
+
+
 def parity(args, rank, grp, wd):
     report = {"rank": rank, "size": grp.size(), "mode": args.mode, "kinds": {}, "started": time.time()}
     for kind in args.kinds.split(","):
@@ -91,7 +120,7 @@ def parity(args, rank, grp, wd):
         prefill, chunk_logits, hidden = forward_logits(pair.target, prompt, chunk)
         (plain,) = generate(pair, [prompt], 0, on_step=beat)
         (spec,) = generate(pair, [prompt], 3, on_step=beat)
-        sampled = batch = unseeded = None
+        sampled = batch = unseeded = served = None
         if kind in args.full.split(","):
             hot = SamplingConfig(temperature=1.0, top_k=20, seed=11)
             sampled = [generate(pair, [prompt], 3, hot, on_step=beat)[0] for _ in range(2)]
@@ -99,13 +128,14 @@ def parity(args, rank, grp, wd):
             # runs), the adaptive draft length, and a request without a seed.
             batch = generate(pair, [prompt, prompt_for(V, seed=2)[:13]], "auto", on_step=beat)
             unseeded = generate(pair, [prompt], 3, SamplingConfig(temperature=1.0), on_step=beat)[0]
+            served = serve_lockstep(pair, prompt, hot, rank, beat)
         np.savez(Path(args.out) / f"rank{rank}_{kind}.npz", prefill=prefill, chunk=chunk_logits, hidden=hidden)
         report["kinds"][kind] = {
             "prefill_diff": float(np.abs(prefill - ref_prefill).max()),
             "chunk_diff": float(np.abs(chunk_logits - ref_chunk).max()),
             "hidden_diff": float(np.abs(hidden - ref_hidden).max()),
             "ref_plain": ref_plain, "plain": plain, "spec": spec, "sampled": sampled,
-            "batch": batch, "unseeded": unseeded,
+            "batch": batch, "unseeded": unseeded, "served": served,
             "plan": getattr(getattr(pair.target, "tp_plan", None), "kv", None),
             "seconds": time.perf_counter() - t0,
         }

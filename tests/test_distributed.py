@@ -135,6 +135,15 @@ def test_a_failed_rank_stops_the_other_with_an_error(request, mode):
     assert "a peer rank stopped" in ranks[0].stderr or "a peer rank is stalled or gone" in ranks[0].stderr
 
 
+@pytest.mark.parametrize("mode", list(KINDS))
+def test_server_lockstep(request, mode):
+    reports, _, _ = _get(request, mode)
+    served = [r["kinds"][FULL]["served"] for r in reports]
+    assert served[0] == served[1]  # rank 1 had no requests of its own, yet ran the same rounds
+    assert served[0]["reasons"] == {"0": "cancelled", "1": "length"}
+    assert served[0]["tokens"]["1"] == reports[0]["kinds"][FULL]["plain"]["tokens"]  # joined mid-run
+
+
 # ---- single process: the checks that need no second rank --------------------------------------
 class _Group:
     def __init__(self, size, rank=0):

@@ -16,6 +16,7 @@ from typing import Dict, Optional, Sequence
 import mlx.core as mx
 
 from ..decoding.engine import Engine, Request
+from ..errors import MtpError
 from .launch import group as default_group
 
 
@@ -72,27 +73,53 @@ class DistributedEngine(Engine):
         return uid
 
 
-def broadcast_request(request: Optional[Request], grp=None) -> Request:
-    """Rank 0's request (prompt, budget, sampling, stop strings, draft length) on every rank;
-    other ranks pass None. For servers: rank 0 accepts HTTP, every rank submits the result."""
+def broadcast_json(obj, grp=None):
+    """Rank 0's JSON-able ``obj`` on every rank (other ranks pass anything, e.g. None). Two
+    all_sums: the length, then the bytes (skipped when empty)."""
     import json
-    from dataclasses import asdict
-
-    from ..sampling import SamplingConfig
 
     grp = grp or default_group()
     if grp.size() == 1:
-        return request
-    if grp.rank() == 0:
-        d = asdict(request)
-        d.pop("processors", None)
-        blob = json.dumps(d).encode()
-    else:
-        blob = b""
+        return obj
+    blob = json.dumps(obj).encode() if grp.rank() == 0 else b""
     n = int(mx.distributed.all_sum(mx.array(len(blob), dtype=mx.int32), group=grp).item())
-    buf = mx.array(list(blob) if blob else [0] * n, dtype=mx.uint8) if grp.rank() == 0 else mx.zeros((n,), mx.uint8)
-    data = bytes(mx.distributed.all_sum(buf.astype(mx.int32), group=grp).astype(mx.uint8).tolist())
-    d = json.loads(data.decode())
+    mine = mx.array(list(blob), dtype=mx.int32) if grp.rank() == 0 else mx.zeros((n,), mx.int32)
+    data = bytes(mx.distributed.all_sum(mine, group=grp).tolist())
+    return json.loads(data.decode())
+
+
+def request_to_dict(r: Request) -> dict:
+    """A request as plain data (logits processors, being code, cannot cross ranks)."""
+    from dataclasses import asdict
+
+    if r.processors:
+        raise MtpError("requests with logits processors cannot be sent to other ranks: use the sampling settings")
+    d = asdict(r)
+    d.pop("processors", None)
+    d["stop"] = list(d["stop"])
+    return d
+
+
+def request_from_dict(d: dict) -> Request:
+    from ..sampling import SamplingConfig
+
+    d = dict(d)
     d["sampling"] = SamplingConfig(**d["sampling"])
-    d["stop"] = tuple(d.get("stop") or ())
+    d["stop"] = tuple(d["stop"])
     return Request(**d)
+
+
+class LockstepEngine(DistributedEngine):
+    """For servers: rank 0 takes requests (e.g. over HTTP); every rank calls ``sync`` then
+    ``step`` in a loop, so all ranks submit, cancel and stop at the same round."""
+
+    def sync(self, new: Sequence[Request] = (), cancel: Sequence[int] = (), stop: bool = False):
+        """Rank 0 passes the requests it accepted and the uids to cancel since its last call
+        (other ranks pass nothing). Every rank submits and cancels the same ones. Returns
+        (uids of the new requests in order, whether rank 0 asked to stop)."""
+        msg = {"new": [request_to_dict(r) for r in new], "cancel": list(cancel), "stop": bool(stop)}
+        msg = broadcast_json(msg, self.group)
+        uids = [self.submit(request_from_dict(d)) for d in msg["new"]]
+        for uid in msg["cancel"]:
+            self.cancel(uid)
+        return uids, msg["stop"]
