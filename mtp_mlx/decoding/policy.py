@@ -167,7 +167,7 @@ class DraftPolicy:
         row_decay: float = 0.95,
         prior_decay: float = 0.98,
         decay_rounds_max: int = 4,
-        trust: int = 4,
+        trust: int = 2,
         probe_first: int = 8,
         probe_max: int = 512,
         guard_window: int = 32,
