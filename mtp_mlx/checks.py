@@ -81,6 +81,7 @@ def wide_verify_exact(
     drafts: Sequence[int] = CHECK_DRAFTS,
     prefill: int = CHECK_PREFILL,
     seed: int = 0,
+    batch: int = 1,
     attn_backend: str = "auto",
     forward: Optional[Callable] = None,
 ) -> CheckResult:
@@ -94,6 +95,7 @@ def wide_verify_exact(
     Args:
         target: the target model (``target(ids, cache, attn_backend=...)``, ``target.make_cache()``).
         label: what to call this target in the message (default: its dtype and quantization).
+        batch: rows per forward (a batched verify against batched one-token steps).
         forward: ``forward(ids, cache)`` returning an object with ``logits`` and ``hidden``;
             default the target's own forward with ``attn_backend`` (tests inject others).
 
@@ -108,7 +110,7 @@ def wide_verify_exact(
     rng = np.random.default_rng(seed)
     rows: List[Dict] = []
     for k in drafts:
-        ids = mx.array(rng.integers(0, vocab, size=(1, prefill + k + 1)), dtype=mx.int32)
+        ids = mx.array(rng.integers(0, vocab, size=(batch, prefill + k + 1)), dtype=mx.int32)
         wide_cache, step_cache = target.make_cache(), target.make_cache()
         for cache in (wide_cache, step_cache):
             mx.eval(forward(ids[:, :prefill], cache).logits)
@@ -133,7 +135,7 @@ def wide_verify_exact(
         bad = ", ".join(f"{r['k'] + 1}-wide" for r in rows if not r["bit_equal"])
         message = f"{label}: {bad} verify differs from one-token steps (max |logit diff| {worst:.3g})"
     return CheckResult("wide-verify", "pass" if exact else "fail", message,
-                       {"target": label, "attn_backend": attn_backend, "inputs": rows})
+                       {"target": label, "attn_backend": attn_backend, "batch": batch, "inputs": rows})
 
 
 def speculation_gate(pair, *, attn_backend: str = "auto", forward: Optional[Callable] = None) -> Tuple[bool, str]:

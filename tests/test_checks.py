@@ -67,6 +67,8 @@ def test_the_demo_target_is_exact_on_this_backend(pair):
     assert all(r["bit_equal"] and r["max_abs_logits"] == 0.0 for r in result.details["inputs"])
     exact, line = speculation_gate(pair)
     assert exact and "passed" in line and "\n" not in line
+    batched = wide_verify_exact(pair.target, batch=3, drafts=(4,))
+    assert batched.status == "pass" and batched.details["batch"] == 3
 
 
 @pytest.mark.parametrize("where,position", [("logits", -1), ("logits", 0), ("hidden", 3)])
