@@ -137,6 +137,7 @@ def parity(args, rank, grp, wd):
             "ref_plain": ref_plain, "plain": plain, "spec": spec, "sampled": sampled,
             "batch": batch, "unseeded": unseeded, "served": served,
             "plan": getattr(getattr(pair.target, "tp_plan", None), "kv", None),
+            "whole": getattr(getattr(pair.target, "tp_plan", None), "whole", None),
             "seconds": time.perf_counter() - t0,
         }
         report["kinds"][kind]["plan"] = {str(k): v for k, v in (report["kinds"][kind]["plan"] or {}).items()}
@@ -144,9 +145,11 @@ def parity(args, rank, grp, wd):
 
 
 def die(args, rank, grp, wd):
+    from mtp_mlx.distributed.launch import load_distributed
+
     wd.beat()
-    pair = load_kind(Path(args.fixtures), args.then_die)
-    distribute(pair, args.mode, grp)
+    fx = Path(args.fixtures) / args.then_die  # split while loading: this rank reads only its part
+    pair = load_distributed(str(fx / "target"), str(fx / "assistant"), mode=args.mode, dtype="float32", grp=grp)
     prompt = prompt_for(pair.target.cfg.vocab_size)
 
     def step(i):

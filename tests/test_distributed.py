@@ -25,7 +25,8 @@ import distributed_worker as worker  # noqa: E402
 
 # e2b geometry (1 KV head, KV-shared layers, PLE; the agree pair, whose drafts are often
 # accepted), 31B-like dense (K/V heads that split) and 26B-A4B-like MoE.
-KINDS = {"tensor": ["agree", "dense", "moe"], "pipeline": ["agree", "moe"]}
+# moe-mlx-4bit: quantized; its 64-wide experts are one quantization group, so they stay whole.
+KINDS = {"tensor": ["agree", "dense", "moe", "moe-mlx-4bit"], "pipeline": ["agree", "moe"]}
 FULL = "agree"  # also sampled, batched, adaptive-K and unseeded requests
 
 
@@ -75,6 +76,18 @@ def test_logits_match_one_process(request, mode, kind):
     # Both ranks hold the very same logits (they drive identical accept decisions).
     for name in ("prefill", "chunk", "hidden"):
         assert np.array_equal(arrays[0][kind][name], arrays[1][kind][name]), name
+
+
+def test_tensor_parallel_layouts(request):
+    reports, _, _ = _get(request, "tensor")
+    kinds = reports[0]["kinds"]
+    # agree (e2b shape): one KV head, so every K/V is replicated; layers 5-7 are KV-shared.
+    assert set(kinds["agree"]["plan"].values()) == {"replicated", "shared"}
+    # dense: sliding and full K/V heads split, except the drafter's producers 4 and 5.
+    assert kinds["dense"]["plan"] == {"0": "split", "1": "split", "2": "split", "3": "split",
+                                      "4": "replicated", "5": "replicated"}
+    assert kinds["dense"]["whole"] == []
+    assert kinds["moe-mlx-4bit"]["whole"] == [f"layers.{i}.experts" for i in range(8)]
 
 
 @pytest.mark.parametrize("mode,kind", CASES)
@@ -171,6 +184,38 @@ def test_shard_refuses_heads_that_do_not_divide():
     with pytest.raises(MtpError):
         shard_target(model, _Group(3))
     assert shard_target(model, _Group(1)).kv == {}  # a group of one leaves the model alone
+
+
+def _shaped(layers, q, kv, kv_full, shared=0, k_eq_v=True):
+    from mtp_mlx.models.config import TextConfig
+
+    types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers)]
+    types[-1] = "full_attention"
+    return TextConfig(vocab_size=8, hidden_size=8, num_hidden_layers=layers, num_attention_heads=q,
+                      num_key_value_heads=kv, num_global_key_value_heads=kv_full, attention_k_eq_v=k_eq_v,
+                      head_dim=256, global_head_dim=512, intermediate_size=64, layer_types=types,
+                      sliding_window=512, num_kv_shared_layers=shared)
+
+
+@pytest.mark.parametrize("name,cfg,sizes", [
+    ("31B", _shaped(60, 32, 16, 4), (2, 4, 8)),
+    ("26B-A4B", _shaped(30, 16, 8, 2), (2, 4, 8)),
+    ("E2B", _shaped(35, 8, 1, 1, shared=20, k_eq_v=False), (2, 4, 8)),
+])
+def test_real_geometries(name, cfg, sizes):
+    from mtp_mlx.distributed.tensor import check_tensor_parallel, kv_layout
+
+    producers = {cfg.producer("sliding_attention"), cfg.producer("full_attention")}
+    for n in sizes:
+        check_tensor_parallel(cfg, n)
+        layout = kv_layout(cfg, n)
+        assert all(layout[p] == "replicated" for p in producers)
+        for i, how in layout.items():
+            if how == "split":
+                assert cfg.layer_kv_heads(i) % n == 0 and i not in producers
+    with pytest.raises(MtpError, match="query heads"):
+        check_tensor_parallel(cfg, 3)
+    assert kv_layout(_shaped(60, 32, 16, 4), 2)[0] == "split"  # 31B TP=2: 8 sliding KV heads per rank
 
 
 def test_pipeline_stages_and_mirrors():

@@ -7,8 +7,8 @@ same decoding code, sees the same logits and emits the same tokens; ``engine.Dis
 keeps the ranks' draft lengths and fresh seeds in agreement.
 """
 
-from .launch import distribute, init_distributed, is_rank0, local_ring
+from .launch import distribute, init_distributed, is_rank0, load_distributed, local_ring
 from .tensor import TPPlan, check_tensor_parallel, shard_target
 
 __all__ = ["TPPlan", "check_tensor_parallel", "distribute", "init_distributed", "is_rank0",
-           "local_ring", "shard_target"]
+           "load_distributed", "local_ring", "shard_target"]

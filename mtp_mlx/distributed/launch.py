@@ -82,6 +82,32 @@ def distribute(pair, mode: str, grp=None):
     return pair
 
 
+def load_distributed(model: str, drafter: Optional[str] = None, *, mode: str, dtype=None, grp=None):
+    """``mtp_mlx.load`` for a split run: the target is split before its weights are read, so a
+    rank never holds the whole model. Pipeline: a rank reads only its own layers (plus the
+    embedding, which is also the tied head). Tensor: each weight is read, sliced, and the rest
+    freed. Returns the pair, already split (see ``distribute``)."""
+    import mlx.core as mx
+
+    from ..loading import Pair, check_configs, hub, load_tokenizer, weights
+
+    grp = grp or init_distributed(mode)
+    weights.parse_dtype(dtype)
+    target_path = hub.resolve(model, "model")
+    drafter_path = hub.resolve(drafter, "drafter") if drafter is not None else None
+    target_config, drafter_config = check_configs(target_path, drafter_path, target_name=model,
+                                                  drafter_name=drafter)
+    target, target_config = weights.load_target(target_path, dtype, lazy=True)
+    drafter_model = None
+    if drafter_path is not None:
+        drafter_model, drafter_config = weights.load_drafter(drafter_path, dtype)
+    pair = Pair(target=target, target_config=target_config, drafter=drafter_model, drafter_config=drafter_config,
+                tokenizer=load_tokenizer(target_path), target_path=target_path, drafter_path=drafter_path)
+    distribute(pair, mode, grp)  # evaluates only what this rank keeps
+    mx.eval(pair.target.parameters())
+    return pair
+
+
 def peer_lost(err: BaseException) -> bool:
     """Whether an exception is MLX reporting that a peer rank went away."""
     return isinstance(err, RuntimeError) and ("peer" in str(err) or "connection" in str(err))

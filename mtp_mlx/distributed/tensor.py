@@ -14,11 +14,13 @@ and full layer) always keep all their heads on every rank, so the drafter runs u
 every rank with no collective and every rank drafts the same tokens.
 
 Collectives per target forward: one ``all_sum`` of [B, L, H] after each attention, one after
-each dense MLP, and one after each MoE block. The drafter adds none.
+each dense MLP, and one after each MoE block. The drafter adds none. A feed-forward block that
+cannot be split evenly (its width, or for quantized weights its quantization groups) stays
+whole on every rank and needs no all_sum (``TPPlan.whole`` lists them).
 """
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -39,11 +41,13 @@ class TPPlan:
     rank: int
     kv: Dict[int, str] = field(default_factory=dict)  # layer -> "split" | "replicated" | "shared"
     collectives: int = 0
+    whole: List[str] = field(default_factory=list)  # feed-forward blocks left whole on every rank
 
     def describe(self) -> str:
         split = sum(v == "split" for v in self.kv.values())
         rep = sum(v == "replicated" for v in self.kv.values())
-        return (f"tensor parallel over {self.size} ranks: K/V split in {split} layers, replicated in {rep}, "
+        whole = f", {len(self.whole)} feed-forward blocks whole on every rank" if self.whole else ""
+        return (f"tensor parallel over {self.size} ranks: K/V split in {split} layers, replicated in {rep}{whole}, "
                 f"{self.collectives} all_sums per target forward")
 
 
@@ -113,26 +117,47 @@ def _shard_linear(layer, kind: str, group):
                        f"or an unquantized checkpoint") from e
 
 
+def kv_layout(cfg, size: int) -> Dict[int, str]:
+    """Per layer of ``cfg`` (a TextConfig): "split" (its K/V heads divide among the ranks),
+    "replicated" (every rank computes all heads: the drafter's producer layers, and layers
+    whose heads do not divide) or "shared" (a KV-shared layer reading a replicated producer)."""
+    producers = {p for p in (cfg.producer(t) for t in ATTENTION_TYPES) if p is not None}
+    out = {}
+    for i in range(cfg.num_hidden_layers):
+        if not cfg.owns_kv(i):
+            out[i] = "shared"
+        elif i not in producers and cfg.layer_kv_heads(i) % size == 0:
+            out[i] = "split"
+        else:
+            out[i] = "replicated"
+    return out
+
+
+def _splittable(down, size: int) -> bool:
+    """Whether a feed-forward block whose output projection is ``down`` splits evenly along its
+    intermediate axis: the width, and for quantized weights whole quantization groups (e.g. a
+    704-wide expert in groups of 64 has 11 groups: not splittable in two)."""
+    cols = down["scales"].shape[-1] if "scales" in down else down["weight"].shape[-1]
+    return cols % size == 0
+
+
 def check_tensor_parallel(cfg, size: int) -> None:
-    """Raise MtpError naming the first dimension of ``cfg`` (a TextConfig) that cannot be split."""
+    """Raise MtpError when the attention heads of ``cfg`` (a TextConfig) cannot be split over
+    ``size`` ranks. (A feed-forward block that cannot be split stays whole on every rank.)"""
     if size == 1:
         return
-    fix = "use a group size that divides it (Gemma 4 31B: up to 4; 26B-A4B: up to 2)"
-    _check_divides("the number of query heads", cfg.num_attention_heads, size, fix)
+    _check_divides("the number of query heads", cfg.num_attention_heads, size,
+                   "use a group size that divides it (Gemma 4 31B: 32 heads; 26B-A4B: 16; E2B: 8)")
     for i in range(cfg.num_hidden_layers):
-        _check_divides(f"layer {i}'s MLP width", cfg.layer_intermediate(i), size, fix)
-        if cfg.owns_kv(i) or cfg.kv_source(i) is not None:
-            kv_slice(cfg.num_attention_heads, cfg.layer_kv_heads(i), size, 0)
-    if cfg.enable_moe_block:
-        _check_divides("the experts' intermediate width", cfg.moe_intermediate_size, size, fix)
+        kv_slice(cfg.num_attention_heads, cfg.layer_kv_heads(i), size, 0)
 
 
 def shard_target(model, group) -> TPPlan:
     """Shard a loaded Gemma 4 target in place across ``group`` (tensor parallel).
 
     The model keeps its call contract (``model(ids, cache) -> TargetOut``); logits and hidden
-    states come out identical on every rank. Raises MtpError when a dimension does not divide
-    by the group size. Returns the plan (also stored as ``model.tp_plan``).
+    states come out identical on every rank. Raises MtpError when the attention heads cannot be
+    split over the group. Returns the plan (also stored as ``model.tp_plan``).
     """
     size, rank = group.size(), group.rank()
     cfg = model.cfg
@@ -141,7 +166,7 @@ def shard_target(model, group) -> TPPlan:
         model.tp_plan = plan
         return plan
     check_tensor_parallel(cfg, size)
-    producers = {p for p in (cfg.producer(t) for t in ATTENTION_TYPES) if p is not None}
+    layout = kv_layout(cfg, size)
     nh = cfg.num_attention_heads
     for i, layer in enumerate(model.layers):
         attn = layer.self_attn
@@ -149,32 +174,38 @@ def shard_target(model, group) -> TPPlan:
         attn.q_proj = _shard_linear(attn.q_proj, "all-to-sharded", group)
         attn.o_proj = _shard_linear(attn.o_proj, "sharded-to-all", group)
         attn.n_heads = nh // size
+        plan.collectives += 1
         _mixed(attn, _TPAttention)
-        if attn.owns_kv and i not in producers and n_kv % size == 0:
+        if layout[i] == "split":
             attn.k_proj = _shard_linear(attn.k_proj, "all-to-sharded", group)
             if not attn.k_eq_v:
                 attn.v_proj = _shard_linear(attn.v_proj, "all-to-sharded", group)
             attn.n_kv = n_kv // size
             attn.kv_lo = attn.kv_hi = None
-            plan.kv[i] = "split"
         else:
             # All heads on every rank (the drafter's producers, a KV-shared layer reading one,
             # or KV heads that do not divide): attend with the slice the local q heads read.
             attn.kv_lo, attn.kv_hi = kv_slice(nh, n_kv, size, rank)
-            plan.kv[i] = "replicated" if attn.owns_kv else "shared"
+        plan.kv[i] = layout[i]
         mlp = layer.mlp
-        mlp.gate_proj = _shard_linear(mlp.gate_proj, "all-to-sharded", group)
-        mlp.up_proj = _shard_linear(mlp.up_proj, "all-to-sharded", group)
-        mlp.down_proj = _shard_linear(mlp.down_proj, "sharded-to-all", group)
-        plan.collectives += 2
+        if _splittable(mlp.down_proj, size):
+            mlp.gate_proj = _shard_linear(mlp.gate_proj, "all-to-sharded", group)
+            mlp.up_proj = _shard_linear(mlp.up_proj, "all-to-sharded", group)
+            mlp.down_proj = _shard_linear(mlp.down_proj, "sharded-to-all", group)
+            plan.collectives += 1
+        else:
+            plan.whole.append(f"layers.{i}.mlp")
         if getattr(layer, "moe", False):
             glu = layer.experts.switch_glu
-            shard_inplace(glu.gate_proj, "all-to-sharded", group=group)
-            shard_inplace(glu.up_proj, "all-to-sharded", group=group)
-            shard_inplace(glu.down_proj, "sharded-to-all", group=group)
-            _mixed(layer.experts, _TPExperts)
-            layer.experts.group = group
-            plan.collectives += 1
+            if _splittable(glu.down_proj, size):
+                shard_inplace(glu.gate_proj, "all-to-sharded", group=group)
+                shard_inplace(glu.up_proj, "all-to-sharded", group=group)
+                shard_inplace(glu.down_proj, "sharded-to-all", group=group)
+                _mixed(layer.experts, _TPExperts)
+                layer.experts.group = group
+                plan.collectives += 1
+            else:
+                plan.whole.append(f"layers.{i}.experts")
     mx.eval(model.parameters())
     model.tp_plan = plan
     return plan
