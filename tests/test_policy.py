@@ -329,3 +329,11 @@ def test_a_round_without_a_cost_sample_still_teaches_acceptance():
     assert policy.cost(2, 2) is None and policy.cost(1, 2) == pytest.approx(0.05 * 1.4)
     assert policy.acceptance(1)[0] > policy.acceptance()[0] > policy.acceptance(2)[0]
     assert policy.summary()["rounds"] == 4
+
+
+def test_noisy_costs_are_made_non_decreasing_in_k():
+    policy = DraftPolicy()
+    for k, seconds in ((0, 0.09), (0, 0.09), (1, 0.06), (1, 0.06), (2, 0.12), (2, 0.12)):
+        policy.observe({1: k}, {1: 0}, seconds)
+    assert policy.cost(1, 0) == pytest.approx(0.075) == policy.cost(1, 1)  # pooled: K=1 is no cheaper
+    assert policy.cost(1, 2) == pytest.approx(0.12)

@@ -22,7 +22,8 @@ The model
   one stall does not move the estimate at all, and a run of stalls moves it by at most
   ``cost_alpha * (cost_clip[1] - 1)`` (7.5 % by default) per round.
   The first sample of each (bucket, k) in a process is dropped (kernel compilation, warm-up).
-  Unmeasured costs are interpolated between measured k, else scaled from another bucket's
+  Measured costs are made non-decreasing in k (noise must not make a deeper round look
+  cheaper). Unmeasured costs are interpolated between measured k, else scaled from another bucket's
   measured shape, else extended linearly from the last two measured k, else
   ``C[b][0] * (1 + default_slope * k)``.
 * Choice. For every candidate round depth k, each row drafts ``min(k, its cap, its frontier)``
@@ -250,7 +251,18 @@ class DraftPolicy:
 
     # ---- cost -------------------------------------------------------------------------------
     def _measured(self, bucket: int) -> Dict[int, float]:
-        return {k: c.estimate for k, c in self._costs.get(bucket, {}).items() if c.samples}
+        """Measured costs of the bucket, made non-decreasing in K (a round with more drafts does
+        more work; noise must not make K+1 look cheaper than K): weighted pool-adjacent-violators."""
+        pts = sorted((k, c.estimate, min(c.samples, 10)) for k, c in self._costs.get(bucket, {}).items() if c.samples)
+        blocks: List[List[float]] = []  # [value, weight, number of points]
+        for _, est, w in pts:
+            blocks.append([est, float(w), 1])
+            while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+                v2, w2, n2 = blocks.pop()
+                v1, w1, n1 = blocks.pop()
+                blocks.append([(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
+        values = [v for v, _, n in blocks for _ in range(n)]
+        return {k: v for (k, _, _), v in zip(pts, values)}
 
     def cost(self, batch_size: int, k: int) -> Optional[float]:
         """Estimated seconds of a round of this batch size whose largest K is k; None while
