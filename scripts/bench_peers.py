@@ -14,10 +14,12 @@ vlm-mtp     the same with the drafter (``draft_kind="mtp"``, block = K + 1, K he
 
 Each case runs in its own process (ours in this interpreter's environment, the peers in
 ``--peers-python``, a separate venv with mlx-vlm and mlx-lm that is never part of our
-dependencies). Each process loads the pair, warms up, runs ``--runs-per-process`` timed
-generations and exits, so no two models are in memory at once and real-size checkpoints fit.
-The processes are interleaved: round r runs every case once before round r + 1 starts, so a
-slow spell of a shared machine lands on all cases alike. Medians over all timed runs.
+dependencies). By default each process loads the pair, warms up, runs ``--runs-per-process``
+timed generations and exits, so no two models are in memory at once and real-size
+checkpoints fit; with ``--resident`` (small models) every case's process stays loaded and
+single runs alternate. Either way round r runs every case before round r + 1 starts, so a
+slow spell of a shared machine lands on all cases alike. Medians over all timed runs. Load
+time excludes the imports (reported apart).
 
 Greedy, no EOS (every run decodes exactly ``--max-tokens``). Decode speed is
 (N - 1) / (t_N - t_1), t_i = when the i-th token reached the host (prefill excluded); a
@@ -150,39 +152,67 @@ RUNNERS = {"ours-plain": (_Ours, False), "ours-spec": (_Ours, True), "lm-plain":
            "vlm-plain": (_Vlm, False), "vlm-mtp": (_Vlm, True)}
 
 
+IMPORTS = {
+    "ours-plain": ("mtp_mlx", "mtp_mlx.decoding.engine"), "ours-spec": ("mtp_mlx", "mtp_mlx.decoding.engine"),
+    "lm-plain": ("mlx_lm", "mlx_lm.generate"),
+    "vlm-plain": ("mlx_vlm.utils", "mlx_vlm.generate.ar", "mlx_vlm.speculative.drafters"),
+    "vlm-mtp": ("mlx_vlm.utils", "mlx_vlm.generate.ar", "mlx_vlm.speculative.drafters"),
+}
+
+
+def _timed_run(runner, job) -> dict:
+    import mlx.core as mx
+
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    t_start = time.perf_counter()
+    toks, stamps, drafted, accepted = runner.run(job["ids"], job["max_tokens"], job["num_draft"])
+    dt = stamps[-1] - stamps[0] if len(stamps) > 1 else 0.0
+    return {
+        "tokens": len(toks),
+        "decode_tps": (len(stamps) - 1) / dt if dt > 0 else 0.0,
+        "ttft_s": stamps[0] - t_start if stamps else None,
+        "total_s": stamps[-1] - t_start if stamps else None,
+        "drafted": drafted, "accepted": accepted,
+        "peak_mlx_bytes": mx.get_peak_memory(),
+        "ids": toks,
+    }
+
+
 def worker(args) -> None:
-    """One case in this process: load, warm up, timed runs; one JSON line on stdout."""
+    """One case in this process: import, load, warm up; then timed runs, either
+    ``job["runs"]`` at once (one JSON line) or one per "run" line on stdin (resident mode)."""
+    import importlib
+
     import mlx.core as mx
 
     job = json.loads(Path(args.job).read_text())
+    t0 = time.perf_counter()
+    for m in IMPORTS[job["case"]]:
+        importlib.import_module(m)
+    import_s = time.perf_counter() - t0
     cls, spec = RUNNERS[job["case"]]
     t0 = time.perf_counter()
     runner = cls(job["model"], job["drafter"], spec)
     mx.eval([m.parameters() for m in runner.models if m is not None])
     load_s = time.perf_counter() - t0
-    weights = _weights_bytes(*runner.models)
-    ids, n, k = job["ids"], job["max_tokens"], job["num_draft"]
+    head = {"case": job["case"], "import_s": import_s, "load_s": load_s,
+            "weights_bytes": _weights_bytes(*runner.models)}
     for _ in range(job["warmup"]):
-        runner.run(ids, job["warmup_tokens"], k)
-    runs = []
-    for _ in range(job["runs"]):
-        mx.clear_cache()
-        mx.reset_peak_memory()
-        t_start = time.perf_counter()
-        toks, stamps, drafted, accepted = runner.run(ids, n, k)
-        dt = stamps[-1] - stamps[0] if len(stamps) > 1 else 0.0
-        runs.append({
-            "tokens": len(toks),
-            "decode_tps": (len(stamps) - 1) / dt if dt > 0 else 0.0,
-            "ttft_s": stamps[0] - t_start if stamps else None,
-            "total_s": stamps[-1] - t_start if stamps else None,
-            "drafted": drafted, "accepted": accepted,
-            "peak_mlx_bytes": mx.get_peak_memory(),
-            "ids": toks,
-        })
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    print("RESULT " + json.dumps({"case": job["case"], "load_s": load_s, "weights_bytes": weights,
-                                  "max_rss_bytes": rss, "runs": runs}), flush=True)
+        runner.run(job["ids"], job["warmup_tokens"], job["num_draft"])
+
+    def rss():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+    if not job.get("resident"):
+        runs = [_timed_run(runner, job) for _ in range(job["runs"])]
+        print("RESULT " + json.dumps(dict(head, max_rss_bytes=rss(), runs=runs)), flush=True)
+        return
+    print("READY " + json.dumps(head), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        print("RESULT " + json.dumps(dict(head, max_rss_bytes=rss(), runs=[_timed_run(runner, job)])), flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,6 +232,46 @@ def prompt_ids(model: str, prompt: str, raw: bool, length: Optional[int]) -> Lis
         body = ids[1:] or ids
         ids = (ids[:1] + body * (length // max(1, len(body)) + 1))[:length]
     return ids
+
+
+class Resident:
+    """A worker process kept alive across rounds (small models: all cases stay loaded, so
+    runs alternate one by one and load time is paid once)."""
+
+    def __init__(self, case: str, job: dict, python: str):
+        self.case = case
+        f = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
+        json.dump(dict(job, case=case, resident=True), f)
+        f.close()
+        self.path = f.name
+        env = dict(os.environ, PYTHONPATH=str(ROOT) if case not in PEER_CASES else "")
+        self.p = subprocess.Popen([python, str(Path(__file__).resolve()), "--worker", "--job", self.path],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env=env)
+        self.head = self._read("READY ")
+
+    def _read(self, tag: str) -> dict:
+        for line in self.p.stdout:
+            if line.startswith(tag):
+                return json.loads(line[len(tag):])
+        err = self.p.stderr.read().strip().splitlines()[-5:]
+        raise RuntimeError(f"{self.case} failed (exit {self.p.wait()}): " + " | ".join(err))
+
+    def run(self) -> dict:
+        self.p.stdin.write("run\n")
+        self.p.stdin.flush()
+        return self._read("RESULT ")
+
+    def close(self) -> None:
+        try:
+            if self.p.poll() is None:
+                self.p.stdin.write("quit\n")
+                self.p.stdin.flush()
+                self.p.wait(timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            self.p.kill()
+        finally:
+            os.unlink(self.path)
 
 
 def run_case(case: str, job: dict, python: str, timeout: float) -> dict:
@@ -232,6 +302,7 @@ def summarize(results: Dict[str, List[dict]], reference: Optional[List[int]]) ->
             "decode_tps_runs": [round(r["decode_tps"], 3) for r in runs],
             "ttft_s": med("ttft_s"),
             "load_s": statistics.median([p["load_s"] for p in procs]),
+            "import_s": statistics.median([p["import_s"] for p in procs]),
             "weights_bytes": procs[0]["weights_bytes"],
             "peak_mlx_bytes": max(r["peak_mlx_bytes"] for r in runs),
             "max_rss_bytes": max(p["max_rss_bytes"] for p in procs),
@@ -270,6 +341,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--runs-per-process", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1, help="warm-up generations per process")
     ap.add_argument("--warmup-tokens", type=int, default=None, help="tokens per warm-up (default --max-tokens)")
+    ap.add_argument("--resident", action="store_true",
+                    help="keep one process per case loaded and alternate single runs (small models)")
     ap.add_argument("--peers-python", default=DEFAULT_PEERS_PYTHON)
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per process")
     ap.add_argument("--json", default=None, help="also write the report here")
@@ -290,15 +363,23 @@ def main(argv: Optional[List[str]] = None) -> int:
                ids=ids, max_tokens=args.max_tokens, num_draft=args.num_draft, runs=args.runs_per_process,
                warmup=args.warmup, warmup_tokens=args.warmup_tokens or args.max_tokens)
     results: Dict[str, List[dict]] = {c: [] for c in cases}
-    for r in range(args.rounds):
-        for case in cases:
-            python = args.peers_python if case in PEER_CASES else sys.executable
-            t0 = time.perf_counter()
-            res = run_case(case, job, python, args.timeout)
-            results[case].append(res)
-            tps = ", ".join(f"{x['decode_tps']:.2f}" for x in res["runs"])
-            print(f"[round {r + 1}/{args.rounds}] {case:<10} load {res['load_s']:.1f}s  decode tok/s {tps}  "
-                  f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
+    python = {c: args.peers_python if c in PEER_CASES else sys.executable for c in cases}
+    residents: Dict[str, Resident] = {}
+    try:
+        if args.resident:
+            for case in cases:
+                residents[case] = Resident(case, job, python[case])
+        for r in range(args.rounds):
+            for case in cases:
+                t0 = time.perf_counter()
+                res = residents[case].run() if args.resident else run_case(case, job, python[case], args.timeout)
+                results[case].append(res)
+                tps = ", ".join(f"{x['decode_tps']:.2f}" for x in res["runs"])
+                print(f"[round {r + 1}/{args.rounds}] {case:<10} load {res['load_s']:.1f}s  decode tok/s {tps}  "
+                      f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
+    finally:
+        for w in residents.values():
+            w.close()
     reference = results["ours-plain"][0]["runs"][0]["ids"] if "ours-plain" in results else None
     summary = summarize(results, reference)
 
