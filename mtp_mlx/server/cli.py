@@ -83,8 +83,10 @@ def serve(
     config = ServerConfig(model_id=model_id, max_batch=max_batch, max_queue=max_queue,
                           num_draft=(num_draft_tokens or "auto") if use_drafter else 0,
                           has_drafter=use_drafter, default_max_tokens=DEFAULT_MAX_TOKENS)
-    run(create_app(worker, config), host=host, port=port, log_level=log_level)
-    worker.close()
+    try:
+        run(create_app(worker, config), host=host, port=port, log_level=log_level)
+    finally:
+        worker.close(timeout=2.0)  # the engine thread is a daemon: a step still running is abandoned
 
 
 def build_worker(model: str, drafter: Optional[str], *, max_batch: int, prompt_cache_bytes: int = 0,
