@@ -115,6 +115,7 @@ def stream_generate(
     processors: Sequence = (),
     stop: Sequence[str] = (),
     logprobs: Optional[int] = None,
+    policy=None,
     **sampling_kwargs,
 ) -> Iterator[GenerationResponse]:
     """Generate from ``pair`` (``mtp_mlx.load``'s result), one response per round.
@@ -128,6 +129,8 @@ def stream_generate(
     end generation; the text never shows anything from the first stop string on.
     logprobs: None, or n >= 0 for each token's log-probability and the top n alternatives.
     draft_position: "B" (default), "A", or "hf" (reference parity: one greedy row).
+    policy: a ``DraftPolicy`` to choose K under "auto" (e.g. one seeded from the tuning store,
+    or shared across calls so what it measured carries over); default a fresh one.
     """
     cfg = _sampling(sampling, sampling_kwargs)
     ids = _ids(pair.tokenizer, prompt)
@@ -136,7 +139,7 @@ def stream_generate(
         yield from _hf_parity(pair, ids, max_tokens, num_draft_tokens, cfg, attention)
         return
     engine = Engine(pair, use_drafter=use_drafter and num_draft_tokens != 0, attention=attention,
-                    position=draft_position, max_batch=1)
+                    position=draft_position, max_batch=1, policy=policy)
     engine.submit(Request(ids, max_tokens, cfg, stop, num_draft_tokens if use_drafter else 0, logprobs,
                           processors=processors))
     for ev in engine.run():
@@ -193,6 +196,7 @@ def batch_generate(
     sampling: Optional[SamplingConfig] = None,
     processors: Sequence = (),
     stop: Sequence[str] = (),
+    policy=None,
     **sampling_kwargs,
 ) -> BatchResponse:
     """Generate for 1..8 prompts at once (results in input order).
@@ -205,7 +209,7 @@ def batch_generate(
     cfg = _sampling(sampling, sampling_kwargs)
     budgets = [max_tokens] * len(prompts) if isinstance(max_tokens, int) else list(max_tokens)
     engine = Engine(pair, use_drafter=use_drafter and num_draft_tokens != 0, attention=attention,
-                    max_batch=len(prompts))
+                    max_batch=len(prompts), policy=policy)
     mx.reset_peak_memory()
     uids = [engine.submit(Request(_ids(pair.tokenizer, p), m, cfg, stop, num_draft_tokens if use_drafter else 0,
                                   request_index=i, processors=processors))

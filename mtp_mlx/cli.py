@@ -177,18 +177,35 @@ def generate(
         typer.echo(f"mtp-mlx: {DEMO_NOTICE}", err=True)
     pair = load(model, None if no_drafter else drafter, dtype=dtype.value if dtype else None)
     ids = [api.format_prompt(pair.tokenizer, t, raw=raw, system=system_prompt) for t in texts]
+    policy = _policy(pair) if k == "auto" and pair.drafter is not None else None
     kw = dict(max_tokens=max_tokens, num_draft_tokens=k, use_drafter=not no_drafter and k != 0,
-              sampling=sampling, stop=stop, attention=attention_backend)
+              sampling=sampling, stop=stop, attention=attention_backend, policy=policy)
     if prompts_file:
         _print_batch(api.batch_generate(pair, ids, **kw))
-        return
-    last = None
-    for last in api.stream_generate(pair, ids[0], draft_position=draft_position, **kw):
-        sys.stdout.write(last.text)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    if last is not None:
-        _print_stats(last)
+    else:
+        last = None
+        for last in api.stream_generate(pair, ids[0], draft_position=draft_position, **kw):
+            sys.stdout.write(last.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        if last is not None:
+            _print_stats(last, f"Draft length: {policy.summary()['reason']}" if policy is not None else "")
+    if policy is not None:
+        from .tuning import save_policy_prior
+
+        save_policy_prior(pair, policy.state())
+
+
+def _policy(pair):
+    """The draft-length policy, started from what earlier runs measured for this pair here."""
+    from .decoding.policy import DraftPolicy
+    from .tuning import load_policy_prior, tuning_file
+
+    prior = load_policy_prior(pair)
+    if prior is not None:
+        typer.echo(f"mtp-mlx: draft lengths start from the round costs and acceptance stored in {tuning_file()} "
+                   "for this pair and machine", err=True)
+    return DraftPolicy(prior=prior)
 
 
 def parse_num_draft(value: str):
@@ -245,7 +262,8 @@ def tune(
     runs: int = typer.Option(3, "--runs", help="Timed runs per cell (median reported)."),
     warmup: int = typer.Option(1, "--warmup", help="Untimed runs per cell first."),
     batch_sizes: List[int] = typer.Option(list((1, 2, 4, 8)), "--batch-size", help="Batch sizes to sweep (repeatable)."),
-    num_draft: List[int] = typer.Option(list(range(7)), "--num-draft", help="K values to sweep, 0 = no drafter (repeatable)."),
+    num_draft: List[str] = typer.Option([*map(str, range(7)), "auto"], "--num-draft",
+                                        help="K values to sweep: 0 = no drafter, 1..8, auto (repeatable)."),
     out: str = typer.Option("tuning", "--out", help="Folder for the table, CSV, PNG and JSON."),
     save: bool = typer.Option(True, "--save/--no-save", help="Store the recommendation that generate uses."),
 ) -> None:
@@ -259,7 +277,7 @@ def tune(
         model, drafter = str(demo[0]), str(demo[1])
     texts = _read_prompts_file(prompts_file) if prompts_file else None
     run_tuning(model, drafter, texts, max_tokens=max_tokens, runs=runs, warmup=warmup,
-               batch_sizes=batch_sizes, draft_lengths=num_draft, out=out, save=save,
+               batch_sizes=batch_sizes, draft_lengths=[parse_num_draft(k) for k in num_draft], out=out, save=save,
                echo=functools.partial(typer.echo, err=True))
 
 

@@ -1,9 +1,10 @@
-"""Batch-size x draft-length tuning: sweep, report, and the recommendation ``generate`` uses.
+"""Batch-size x draft-length tuning: sweep, report, and the stored policy priors.
 
 The sweep times decoding for every batch size in {1, 2, 4, 8} and draft length K in 1..6
-plus no drafter (K = 0), warm-up first, then the median of several runs. Each pair of
-checkpoints gets, per machine, the fastest K for every batch size; ``mtp-mlx generate``
-uses it when ``--num-draft-tokens`` is not given.
+plus no drafter (K = 0) and ``auto``, warm-up first, then the median of several runs. The
+``auto`` runs share one draft-length policy, whose measured round costs and acceptance are
+stored per (machine, MLX version, pair, quantization) in the tuning store; ``generate``
+and ``serve`` start their policy from them (and ``generate`` stores what it learnt back).
 """
 
 import csv
@@ -16,9 +17,11 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from .decoding.engine import Engine, generate_ids
+from .decoding.policy import DraftPolicy
+from .limits import check_num_draft
 
 BATCH_SIZES = (1, 2, 4, 8)
-DRAFT_LENGTHS = (0, 1, 2, 3, 4, 5, 6)  # 0 = no drafter
+DRAFT_LENGTHS = (0, 1, 2, 3, 4, 5, 6, "auto")  # 0 = no drafter
 
 
 def tuning_file() -> Path:
@@ -35,23 +38,55 @@ def pair_id(pair) -> str:
     return f"{Path(pair.target_path).resolve()}|{Path(pair.drafter_path).resolve() if pair.drafter_path else '-'}"
 
 
-def recommended_num_draft(pair, batch_size: int, path: Optional[Path] = None) -> Optional[int]:
-    """The tuned K (0 = no drafter) for this pair, machine and the nearest swept batch size,
-    or None if this pair was never tuned here."""
-    path = path or tuning_file()
+def _quantization(pair) -> str:
+    """The target's weight format, part of the key of stored costs: dtype, or bits per weight."""
+    import mlx.nn as nn
+
+    emb = pair.target.embed_tokens
+    if isinstance(emb, nn.QuantizedEmbedding):
+        return f"q{emb.bits}g{emb.group_size}"
+    return str(emb.weight.dtype).replace("mlx.core.", "")
+
+
+def policy_key(pair) -> str:
+    import mlx.core as mx
+
+    from .decoding.policy import prior_key
+
+    return prior_key(machine_id(), mx.__version__, pair_id(pair), _quantization(pair))
+
+
+def _read_store(path: Path) -> dict:
     try:
-        entry = json.loads(path.read_text())[machine_id()][pair_id(pair)]
-    except (OSError, ValueError, KeyError):
-        return None
-    best = entry["best_num_draft"]
-    nearest = min(best, key=lambda b: abs(int(b) - batch_size))
-    return int(best[nearest])
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
-def _one_run(pair, prompts, k, max_tokens) -> Dict:
-    """Decode once at a fixed K (0 = no drafter; "auto" = the policy); aggregate and per-row
+def _write_store(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def load_policy_prior(pair, path: Optional[Path] = None) -> Optional[dict]:
+    """The stored policy state for this pair on this machine, MLX version and quantization."""
+    return _read_store(path or tuning_file()).get("policy", {}).get(policy_key(pair))
+
+
+def save_policy_prior(pair, state: dict, path: Optional[Path] = None) -> None:
+    path = path or tuning_file()
+    data = _read_store(path)
+    data.setdefault("policy", {})[policy_key(pair)] = state
+    _write_store(path, data)
+
+
+def _one_run(pair, prompts, k, max_tokens, policy=None) -> Dict:
+    """Decode once at a fixed K (0 = no drafter; "auto" = ``policy``); aggregate and per-row
     tokens/s measured after each row's first token (``decoding.stats``)."""
-    engine = Engine(pair, use_drafter=k != 0, max_batch=len(prompts))
+    engine = Engine(pair, use_drafter=k != 0, max_batch=len(prompts), policy=policy)
     rows = generate_ids(engine, prompts, max_tokens=max_tokens, num_draft=k)
     t = engine.totals
     return {
@@ -63,8 +98,9 @@ def _one_run(pair, prompts, k, max_tokens) -> Dict:
 
 
 def sweep(pair, prompts: Sequence[Sequence[int]], *, batch_sizes=BATCH_SIZES, draft_lengths=DRAFT_LENGTHS,
-          max_tokens: int = 128, runs: int = 3, warmup: int = 1, progress=None) -> List[Dict]:
-    """Time every (batch size, K); rows of a batch take prompts round-robin."""
+          max_tokens: int = 128, runs: int = 3, warmup: int = 1, progress=None, policy=None) -> List[Dict]:
+    """Time every (batch size, K); rows of a batch take prompts round-robin. K = "auto" runs
+    use ``policy`` (one policy across the sweep: what it measures is what gets stored)."""
     results = []
     for b in batch_sizes:
         batch = [prompts[i % len(prompts)] for i in range(b)]
@@ -72,8 +108,8 @@ def sweep(pair, prompts: Sequence[Sequence[int]], *, batch_sizes=BATCH_SIZES, dr
             if k and pair.drafter is None:
                 continue
             for _ in range(warmup):
-                _one_run(pair, batch, k, max_tokens)
-            timed = [_one_run(pair, batch, k, max_tokens) for _ in range(runs)]
+                _one_run(pair, batch, k, max_tokens, policy)
+            timed = [_one_run(pair, batch, k, max_tokens, policy) for _ in range(runs)]
             row = {"batch": b, "num_draft": k}
             for key in timed[0]:
                 vals = [t[key] for t in timed if t[key] is not None]
@@ -85,30 +121,13 @@ def sweep(pair, prompts: Sequence[Sequence[int]], *, batch_sizes=BATCH_SIZES, dr
 
 
 def recommend(results: List[Dict]) -> Dict[str, int]:
-    """Fastest K (by aggregate tokens/s) for each batch size."""
-    best = {}
-    for r in results:
-        b = str(r["batch"])
-        if b not in best or r["aggregate_tps"] > best[b][1]:
-            best[b] = (r["num_draft"], r["aggregate_tps"])
-    return {b: k for b, (k, _) in best.items()}
-
-
-def save_recommendation(pair, results: List[Dict], path: Optional[Path] = None) -> Dict:
-    path = path or tuning_file()
-    data = {}
-    if path.exists():
-        try:
-            data = json.loads(path.read_text())
-        except ValueError:
-            data = {}
-    entry = {"best_num_draft": recommend(results), "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
-    data.setdefault(machine_id(), {})[pair_id(pair)] = entry
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-    return entry
+    """The fastest fixed K (0 = no drafter) per batch size (reported; ``auto`` is the default)."""
+    best: Dict[str, int] = {}
+    for b in sorted({r["batch"] for r in results}):
+        rows = [r for r in results if r["batch"] == b and r["num_draft"] != "auto"]
+        if rows:
+            best[str(b)] = max(rows, key=lambda r: r["aggregate_tps"])["num_draft"]
+    return best
 
 
 def format_table(results: List[Dict]) -> str:
@@ -116,7 +135,7 @@ def format_table(results: List[Dict]) -> str:
     for r in results:
         acc = f"{100 * r['acceptance']:.1f}%" if r["acceptance"] is not None else "-"
         tpf = f"{r['tokens_per_forward']:.2f}" if r["tokens_per_forward"] else "-"
-        k = r["num_draft"] or "none"
+        k = r["num_draft"] if r["num_draft"] != 0 else "none"
         lines.append(f"{r['batch']:>5} {k:>3} {r['aggregate_tps']:>10.1f} {r['row_tps']:>10.1f} {acc:>7} {tpf:>8}")
     return "\n".join(lines)
 
@@ -140,7 +159,7 @@ def write_plot(results: List[Dict], path: Path) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for b in sorted({r["batch"] for r in results}):
-        rows = sorted((r for r in results if r["batch"] == b), key=lambda r: r["num_draft"])
+        rows = sorted((r for r in results if r["batch"] == b and r["num_draft"] != "auto"), key=lambda r: r["num_draft"])
         ax.plot([r["num_draft"] for r in rows], [r["aggregate_tps"] for r in rows], marker="o", label=f"batch {b}")
     ax.set_xlabel("draft tokens per round K (0 = no drafter)")
     ax.set_ylabel("aggregate decode tokens/s")
@@ -173,12 +192,12 @@ def run_tuning(model, drafter, texts=None, *, max_tokens=128, runs=3, warmup=1, 
         if not 1 <= b <= 8:
             raise MtpError(f"batch size {b} is out of range: use 1..8")
     for k in draft_lengths:
-        if not 0 <= k <= 8:
-            raise MtpError(f"draft length {k} is out of range: use 0..8 (0 = no drafter)")
+        check_num_draft(k, "draft length")
     pair = load(model, drafter)
     prompts = [format_prompt(pair.tokenizer, t, raw=True) for t in (texts or DEFAULT_PROMPTS)]
+    policy = DraftPolicy(prior=load_policy_prior(pair))
     results = sweep(pair, prompts, batch_sizes=batch_sizes, draft_lengths=draft_lengths, max_tokens=max_tokens,
-                    runs=runs, warmup=warmup,
+                    runs=runs, warmup=warmup, policy=policy,
                     progress=lambda r: echo(f"batch {r['batch']} K {r['num_draft']}: {r['aggregate_tps']:.1f} tok/s"))
     outdir = Path(out)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -190,10 +209,11 @@ def run_tuning(model, drafter, texts=None, *, max_tokens=128, runs=3, warmup=1, 
               "runs": runs, "warmup": warmup, "results": results, "recommendation": recommend(results)}
     (outdir / "tuning.json").write_text(json.dumps(report, indent=2))
     print(table)
-    echo(f"recommended K per batch size: {report['recommendation']}")
+    echo(f"fastest fixed K per batch size: {report['recommendation']}")
     echo(f"wrote {outdir}/tuning.txt, tuning.csv, tuning.json" + (", tuning.png" if plotted else
          " (no PNG: pip install 'mtp-mlx[tune]' for matplotlib)"))
     if save:
-        save_recommendation(pair, results)
-        echo(f"saved the recommendation to {tuning_file()}: mtp-mlx generate uses it for this pair")
+        save_policy_prior(pair, policy.state())
+        echo(f"saved the measured round costs and acceptance to {tuning_file()}: mtp-mlx generate and serve "
+             "start their draft-length choice from them for this pair")
     return report

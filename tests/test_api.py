@@ -4,7 +4,7 @@ strings that span tokens and rounds."""
 import pytest
 
 import mtp_mlx
-from mtp_mlx.api import _StopFilter
+from mtp_mlx.decoding.engine import _StopFilter
 
 
 @pytest.fixture(scope="module")

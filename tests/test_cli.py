@@ -65,7 +65,7 @@ def test_batch_file(pair_args, tmp_path):
 
 @pytest.mark.parametrize("args,needle", [
     (["--num-draft-tokens", "9"], "--num-draft-tokens 9 is out of range"),
-    (["--num-draft-tokens", "0"], "out of range"),
+    (["--num-draft-tokens", "many"], "is not a number"),
     (["-m", "0"], "--max-tokens 0 is out of range"),
     (["--prompt", "   "], "prompt is empty"),
     (["--temp", "-1"], "temperature"),
@@ -91,15 +91,35 @@ def test_too_long_prompt_one_line(pair_args, fixtures):
     assert r.exit_code == 1 and "exceeds the model's" in r.stderr
 
 
-def test_tune_writes_reports_and_generate_uses_the_recommendation(pair_args, tmp_path):
+def test_tune_writes_reports_and_generate_starts_from_its_measurements(pair_args, tmp_path):
     out = tmp_path / "tune"
-    r = _run(["tune", *pair_args, "-m", "6", "--runs", "1", "--warmup", "0", "--batch-size", "1",
-              "--batch-size", "2", "--num-draft", "0", "--num-draft", "2", "--out", str(out)])
+    r = _run(["tune", *pair_args, "-m", "12", "--runs", "1", "--warmup", "0", "--batch-size", "1",
+              "--batch-size", "2", "--num-draft", "0", "--num-draft", "2", "--num-draft", "auto", "--out", str(out)])
     assert r.exit_code == 0, r.output
     report = json.loads((out / "tuning.json").read_text())
-    assert {(x["batch"], x["num_draft"]) for x in report["results"]} == {(1, 0), (1, 2), (2, 0), (2, 2)}
+    assert {(x["batch"], x["num_draft"]) for x in report["results"]} == {
+        (b, k) for b in (1, 2) for k in (0, 2, "auto")}
     assert (out / "tuning.csv").read_text().startswith("batch,num_draft")
     assert set(report["recommendation"]) == {"1", "2"}
+    stored = json.loads((tmp_path / "mtp-home" / "tuning.json").read_text())["policy"]
+    (state,) = stored.values()
+    assert state["costs"] and any(t > 0 for _, t, _ in state["acceptance"])
     g = _run(["generate", *pair_args, "-p", "x", "-m", "4"])
-    k = report["recommendation"]["1"]
-    assert f"tuned draft length K={k or 'none'}" in g.stderr
+    assert "draft lengths start from the round costs and acceptance stored" in g.stderr
+
+
+def test_generate_auto_reports_the_draft_lengths(pair_args):
+    r = _run(["generate", *pair_args, "-p", "def f(x):", "-m", "40", "--raw"])
+    assert r.exit_code == 0, r.output
+    assert "K per round" in r.stderr and "parked at K=0" in r.stderr and "Draft length:" in r.stderr
+
+
+def test_input_that_is_not_text_gets_one_line(pair_args, tmp_path):
+    r = runner.invoke(app, ["generate", *pair_args, "--prompt", "-"], input=b"def f():\n\xff\xfe\n")
+    assert r.exit_code == 1 and "standard input is not UTF-8 text" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.output
+    f = tmp_path / "prompts.txt"
+    f.write_bytes(b"def a():\n\xc3\x28 class B:\n")
+    r = runner.invoke(app, ["generate", *pair_args, "--prompts-file", str(f)])
+    assert r.exit_code == 1 and "is not UTF-8 text" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.output

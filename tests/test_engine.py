@@ -82,3 +82,148 @@ def test_bad_requests_raise_one_line(bad):
     with pytest.raises(MtpError) as e:
         engine.submit(Request(**args))
     assert "\n" not in str(e.value)
+
+
+# ---- rows joining and leaving a running batch --------------------------------------------------
+
+import numpy as np  # noqa: E402
+
+from mtp_mlx.loading import load  # noqa: E402
+from mtp_mlx.sampling import SamplingConfig  # noqa: E402
+
+
+def _ids(n, seed):
+    return np.random.default_rng(seed).integers(3, 500, size=n).tolist()
+
+
+_SOLO = {}
+
+
+def _solo(pair, prompt, n):
+    """Plain greedy output of one prompt alone (cached across parametrizations)."""
+    key = (id(pair), tuple(prompt), n)
+    if key not in _SOLO:
+        _SOLO[key] = plain(pair.target, prompt, n)
+    return _SOLO[key]
+
+
+@pytest.fixture(scope="module")
+def agree(fixtures):
+    return load(str(fixtures / "agree" / "target"), str(fixtures / "agree" / "assistant"))
+
+
+def _staggered(pair, use_drafter, schedule, budget, cancel=None, num_draft=3, sampling=SamplingConfig()):
+    """Submit prompts at the given rounds into one engine; optionally cancel one at a round.
+    Returns tokens per prompt index and the engine."""
+    engine = Engine(pair, use_drafter=use_drafter)
+    uids, toks, rnd = {}, {}, 0
+    pending = sorted(schedule, key=lambda s: s[0])
+    while pending or engine.live:
+        while pending and pending[0][0] <= rnd:
+            _, i, prompt = pending.pop(0)
+            uids[engine.submit(Request(prompt, budget, sampling, num_draft=num_draft, request_index=0))] = i
+            toks[i] = []
+        if cancel and cancel[1] == rnd:
+            engine.cancel(next(u for u, i in uids.items() if i == cancel[0]))
+        for ev in engine.step():
+            toks[uids[ev.uid]].extend(ev.tokens)
+        rnd += 1
+    return toks, engine
+
+
+@pytest.mark.parametrize("use_drafter", [True, False])
+def test_rows_joining_a_running_batch_equal_their_solo_runs(agree, use_drafter):
+    """Rows join at different rounds: one longer than the 32-token window, one joining after
+    the running row's rings have wrapped, two joining together later, one short; each runs
+    512 tokens and equals its solo plain greedy output. A cancelled row leaves the others
+    unchanged."""
+    prompts = {0: _ids(45, 1), 1: _ids(5, 2), 2: _ids(70, 3), 3: _ids(17, 4), 4: _ids(9, 5)}
+    schedule = [(0, 0, prompts[0]), (40, 1, prompts[1]), (70, 2, prompts[2]), (70, 3, prompts[3]),
+                (75, 4, prompts[4])]
+    toks, engine = _staggered(agree, use_drafter, schedule, 512, cancel=(4, 110))
+    for i in range(4):
+        solo = _solo(agree, prompts[i], 512)
+        assert toks[i] == solo, f"row {i}: first difference at {next(j for j, (a, b) in enumerate(zip(toks[i], solo)) if a != b)}"
+    solo4 = _solo(agree, prompts[4], 512)
+    assert 0 < len(toks[4]) < 512 and toks[4] == solo4[: len(toks[4])]
+    assert engine.running == 0 and not engine.live
+
+
+class ScriptedPolicy:
+    """K per row from a fixed schedule that includes 0 and differs between rows."""
+
+    def __init__(self, schedule):
+        self.schedule, self.round = schedule, 0
+
+    def plan(self, uids, caps, fixed=None):
+        self.round += 1
+        return {u: self.schedule[(self.round + 3 * u) % len(self.schedule)] for u in uids}
+
+    def observe(self, ks, accepted, seconds):
+        pass
+
+    def forget(self, uid):
+        pass
+
+
+def test_draft_length_changing_every_round_keeps_greedy_output(agree):
+    prompts = [_ids(40, 6), _ids(12, 7), _ids(33, 8)]
+    engine = Engine(agree, policy=ScriptedPolicy([0, 3, 1, 0, 8, 2, 5, 0, 4, 6, 7, 1]))
+    uids = [engine.submit(Request(p, 200, num_draft="auto")) for p in prompts]
+    toks = {u: [] for u in uids}
+    ks = {u: set() for u in uids}
+    for ev in engine.run():
+        toks[ev.uid].extend(ev.tokens)
+        if ev.stats.ks:
+            ks[ev.uid].add(ev.stats.ks[-1])
+    for u, p in zip(uids, prompts):
+        assert toks[u] == plain(agree.target, p, 200)
+        assert {0, 1, 3, 8} <= ks[u]
+
+
+@pytest.mark.parametrize("num_draft", [3, "auto"])
+def test_seeded_request_same_alone_in_a_batch_and_joining(agree, num_draft):
+    """A seeded sampled request gives the same tokens alone, in a batch of 4 and when it joins
+    a running batch; with a seed it also equals plain seeded sampling (the coupled rule)."""
+    cfg = SamplingConfig(temperature=1.0, top_p=0.95, top_k=64, seed=1234)
+    prompt = _ids(30, 9)
+    alone = spec(agree.target, agree.drafter, prompt, 60, num_draft, sampling=cfg)
+    assert alone == plain(agree.target, prompt, 60, sampling=cfg)
+    others = SamplingConfig(temperature=0.7)
+    four = Engine(agree)
+    mates = [four.submit(Request(p, 60, s, num_draft=num_draft)) for p, s in
+             ((_ids(8, 10), others), (_ids(50, 11), SamplingConfig()), (_ids(3, 12), others))]
+    mine = four.submit(Request(prompt, 60, cfg, num_draft=num_draft))
+    assert [t for ev in four.run() if ev.uid == mine for t in ev.tokens] == alone and mine not in mates
+    batch_row = _staggered(agree, True, [(0, 0, _ids(40, 13)), (0, 1, _ids(20, 14)), (7, 2, prompt)], 60,
+                           num_draft=num_draft, sampling=cfg)[0][2]
+    assert batch_row == alone
+    mixed = Engine(agree)
+    a = mixed.submit(Request(_ids(25, 15), 60, others, num_draft=num_draft))
+    for _ in range(5):
+        mixed.step()
+    b = mixed.submit(Request(prompt, 60, cfg, num_draft=num_draft))
+    got = [t for ev in mixed.run() if ev.uid == b for t in ev.tokens]
+    assert got == alone and a != b
+
+
+def test_unseeded_requests_differ(agree):
+    cfg = SamplingConfig(temperature=1.0)
+    prompt = _ids(20, 16)
+    assert spec(agree.target, agree.drafter, prompt, 30, 3, sampling=cfg) != \
+        spec(agree.target, agree.drafter, prompt, 30, 3, sampling=cfg)
+
+
+def test_join_latency_is_one_prefill_slice(agree):
+    """A request joining a busy batch gets its first token in the round after it is admitted
+    (one prefill slice) and drafts in the round after that."""
+    engine = Engine(agree)
+    for i in range(3):
+        engine.submit(Request(_ids(20 + i, 20 + i), 64, num_draft=3))
+    for _ in range(5):
+        engine.step()
+    uid = engine.submit(Request(_ids(30, 30), 16, num_draft=3))
+    first = engine.step()
+    assert any(ev.uid == uid and ev.tokens for ev in first)
+    second = engine.step()
+    assert any(ev.uid == uid and ev.drafted == 3 for ev in second)
