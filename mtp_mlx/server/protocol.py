@@ -161,6 +161,7 @@ def _common(body: dict, endpoint: str, defaults: Dict[str, float]) -> Parsed:
     top_k = _int(body, "top_k", -1)
     min_p = _num(body, "min_p")
     rep = _num(body, "repetition_penalty")
+    rep_ctx = _int(body, "repetition_context_size", 1)
     seed = _int(body, "seed", -(2**63), 2**63 - 1)
     checks = [
         ("temperature", temperature is None or temperature >= 0, "must be >= 0 (0 = greedy)"),
@@ -172,7 +173,7 @@ def _common(body: dict, endpoint: str, defaults: Dict[str, float]) -> Parsed:
         if not ok:
             raise bad(f"'{name}' is {body[name]}: it {rule}", name)
     given = dict(temperature=temperature, top_p=top_p, top_k=None if top_k == -1 else top_k, min_p=min_p,
-                 repetition_penalty=rep)
+                 repetition_penalty=rep, repetition_context_size=rep_ctx)
     try:
         # Unset fields take the checkpoint's generation_config.json values, else OpenAI's (T = 1).
         p.sampling = SamplingConfig(**{**SAMPLING_DEFAULTS, **defaults, **{k: v for k, v in given.items() if v is not None}},
