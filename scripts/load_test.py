@@ -83,7 +83,9 @@ def _process(cmd, ready_url: str, timeout: float = 300):
 
 
 def ours_cmd(args, port: int):
-    cmd = [sys.executable, "-m", "mtp_mlx.server", "--port", str(port), "--max-batch", str(max(args.concurrency)),
+    busy = max(args.concurrency) - 1 if args.busy_rows is None else args.busy_rows
+    rows = min(8, max(max(args.concurrency), busy + 1))  # the join probe's joiner must find a free row
+    cmd = [sys.executable, "-m", "mtp_mlx.server", "--port", str(port), "--max-batch", str(rows),
            "--max-queue", str(max(args.requests, 64)), "--prompt-cache-bytes", str(args.prompt_cache_bytes),
            "--log-level", "warning"]
     if args.model:
