@@ -105,13 +105,15 @@ def timings(stats) -> dict:
     """llama.cpp's ``timings`` names (``draft_n`` / ``draft_n_accepted`` are what tools read)."""
     prompt_n = stats.prompt_tokens - stats.cached_tokens
     predicted_n = stats.generation_tokens
-    prompt_ms = 1000 * prompt_n / stats.prompt_tps if stats.prompt_tps else 0.0
-    predicted_ms = 1000 * predicted_n / stats.generation_tps if stats.generation_tps else 0.0
+    # The prompt phase is submission -> first token (waiting for a row and the prefill); the
+    # generation phase is first token -> last token, as RequestStats defines its rates.
+    prompt_ms = 1000 * stats.ttft
+    predicted_ms = 1000 * (predicted_n - 1) / stats.generation_tps if stats.generation_tps else 0.0
     return {
         "cache_n": stats.cached_tokens,
         "prompt_n": prompt_n,
         "prompt_ms": round(prompt_ms, 3),
-        "prompt_per_second": round(stats.prompt_tps, 3),
+        "prompt_per_second": round(prompt_n / stats.ttft, 3) if stats.ttft > 0 else 0.0,
         "predicted_n": predicted_n,
         "predicted_ms": round(predicted_ms, 3),
         "predicted_per_second": round(stats.generation_tps, 3),
