@@ -21,6 +21,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 
 from mtp_mlx.distributed import distribute, init_distributed  # noqa: E402
 from mtp_mlx.distributed.launch import Watchdog, lost_peer_error, peer_lost  # noqa: E402
@@ -32,6 +33,13 @@ GEN = 14  # 50 positions: past the fixtures' 32-token sliding window plus its 8 
 
 
 def load_kind(fixtures: Path, kind: str):
+    if kind == "tiny-e2b":  # in memory: 2 KV heads (E4B-like: split K/V beside KV-shared layers)
+        from types import SimpleNamespace
+
+        from tiny import tiny_drafter, tiny_target
+
+        target = tiny_target("e2b", window=8)
+        return SimpleNamespace(target=target, drafter=tiny_drafter(target, centroid=True))
     from mtp_mlx import load
 
     return load(str(fixtures / kind / "target"), drafter=str(fixtures / kind / "assistant"), dtype="float32")
@@ -72,6 +80,21 @@ def generate(pair, prompts, num_draft, sampling=None, max_tokens=GEN, on_step=No
             break
     return [{"tokens": toks[u], "accepted": stats[u].accepted, "rounds": stats[u].rounds,
              "ks": list(stats[u].ks)} for u in uids]
+
+
+def prefix_reuse(pair, prompt, plain, on_step):
+    """Turn 2 of a conversation through the prefix cache: the prompt plus the first 5 plain
+    tokens continues exactly as the plain run did."""
+    from mtp_mlx.decoding.engine import Request, bare_pair
+    from mtp_mlx.distributed.engine import DistributedEngine
+
+    eng = DistributedEngine(bare_pair(pair.target, pair.drafter), prefix_cache_bytes=1 << 24)
+    out = []
+    for p, m in ((prompt, GEN), (prompt + plain[:5], GEN - 5)):
+        eng.submit(Request(list(p), max_tokens=m, num_draft=3))
+        out.append([t for ev in eng.run() for t in ev.tokens])
+        on_step(0)
+    return {"tokens": out, "hits": eng.metrics()["prefix_cache_hits"]}
 
 
 def serve_lockstep(pair, prompt, hot, rank, on_step):
@@ -120,7 +143,7 @@ def parity(args, rank, grp, wd):
         prefill, chunk_logits, hidden = forward_logits(pair.target, prompt, chunk)
         (plain,) = generate(pair, [prompt], 0, on_step=beat)
         (spec,) = generate(pair, [prompt], 3, on_step=beat)
-        sampled = batch = unseeded = served = None
+        sampled = batch = unseeded = served = prefix = None
         if kind in args.full.split(","):
             hot = SamplingConfig(temperature=1.0, top_k=20, seed=11)
             sampled = [generate(pair, [prompt], 3, hot, on_step=beat)[0] for _ in range(2)]
@@ -129,13 +152,14 @@ def parity(args, rank, grp, wd):
             batch = generate(pair, [prompt, prompt_for(V, seed=2)[:13]], "auto", on_step=beat)
             unseeded = generate(pair, [prompt], 3, SamplingConfig(temperature=1.0), on_step=beat)[0]
             served = serve_lockstep(pair, prompt, hot, rank, beat)
+            prefix = prefix_reuse(pair, prompt, plain["tokens"], beat)
         np.savez(Path(args.out) / f"rank{rank}_{kind}.npz", prefill=prefill, chunk=chunk_logits, hidden=hidden)
         report["kinds"][kind] = {
             "prefill_diff": float(np.abs(prefill - ref_prefill).max()),
             "chunk_diff": float(np.abs(chunk_logits - ref_chunk).max()),
             "hidden_diff": float(np.abs(hidden - ref_hidden).max()),
             "ref_plain": ref_plain, "plain": plain, "spec": spec, "sampled": sampled,
-            "batch": batch, "unseeded": unseeded, "served": served,
+            "batch": batch, "unseeded": unseeded, "served": served, "prefix": prefix,
             "plan": getattr(getattr(pair.target, "tp_plan", None), "kv", None),
             "whole": getattr(getattr(pair.target, "tp_plan", None), "whole", None),
             "seconds": time.perf_counter() - t0,

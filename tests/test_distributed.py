@@ -26,7 +26,8 @@ import distributed_worker as worker  # noqa: E402
 # e2b geometry (1 KV head, KV-shared layers, PLE; the agree pair, whose drafts are often
 # accepted), 31B-like dense (K/V heads that split) and 26B-A4B-like MoE.
 # moe-mlx-4bit: quantized; its 64-wide experts are one quantization group, so they stay whole.
-KINDS = {"tensor": ["agree", "dense", "moe", "moe-mlx-4bit"], "pipeline": ["agree", "moe"]}
+# tiny-e2b: in memory, 2 KV heads (E4B-like): split K/V next to KV-shared layers, window 8.
+KINDS = {"tensor": ["agree", "dense", "moe", "moe-mlx-4bit", "tiny-e2b"], "pipeline": ["agree", "moe"]}
 FULL = "agree"  # also sampled, batched, adaptive-K and unseeded requests
 
 
@@ -88,6 +89,9 @@ def test_tensor_parallel_layouts(request):
                                       "4": "replicated", "5": "replicated"}
     assert kinds["dense"]["whole"] == []
     assert kinds["moe-mlx-4bit"]["whole"] == [f"layers.{i}.experts" for i in range(8)]
+    # tiny-e2b: layers 0-2 split, the producers 3 (full) and 4 (sliding) replicated, 5-7 shared.
+    assert kinds["tiny-e2b"]["plan"] == {"0": "split", "1": "split", "2": "split", "3": "replicated",
+                                         "4": "replicated", "5": "shared", "6": "shared", "7": "shared"}
 
 
 @pytest.mark.parametrize("mode,kind", CASES)
@@ -97,8 +101,11 @@ def test_greedy_speculative_equals_plain_across_window_wraps(request, mode, kind
     plain, spec = rec["plain"], rec["spec"]
     assert len(plain["tokens"]) == worker.GEN
     assert spec["tokens"] == plain["tokens"]
-    cfg = json.loads((fixtures / kind / "target" / "config.json").read_text())
-    window = cfg.get("text_config", cfg)["sliding_window"]
+    if kind == "tiny-e2b":
+        window = 8
+    else:
+        cfg = json.loads((fixtures / kind / "target" / "config.json").read_text())
+        window = cfg.get("text_config", cfg)["sliding_window"]
     assert worker.PROMPT_LEN + worker.GEN > window + 8  # the ring (window + max-draft slack) wrapped
     if kind == "agree":
         assert 0 < spec["accepted"] < 3 * spec["rounds"]  # accepted and rejected drafts: rollbacks
@@ -155,6 +162,15 @@ def test_server_lockstep(request, mode):
     assert served[0] == served[1]  # rank 1 had no requests of its own, yet ran the same rounds
     assert served[0]["reasons"] == {"0": "cancelled", "1": "length"}
     assert served[0]["tokens"]["1"] == reports[0]["kinds"][FULL]["plain"]["tokens"]  # joined mid-run
+
+
+@pytest.mark.parametrize("mode", list(KINDS))
+def test_prefix_cache_hits_on_every_rank(request, mode):
+    reports, _, _ = _get(request, mode)
+    rec = reports[0]["kinds"][FULL]
+    assert rec["prefix"]["hits"] == 1
+    assert rec["prefix"]["tokens"][1] == rec["plain"]["tokens"][5:]
+    assert reports[1]["kinds"][FULL]["prefix"] == rec["prefix"]
 
 
 # ---- single process: the checks that need no second rank --------------------------------------

@@ -55,6 +55,21 @@ class SyncedPolicy:
         self.policy.forget(uid)
 
 
+def _agreed_lookup(lookup, grp):
+    """Prefix-cache lookups that hit on every rank or on none. Ranks hold different layers
+    (pipeline) so their snapshots' sizes, evictions and rewind limits differ; a hit on one
+    rank and a miss on another would give them different prefill lengths."""
+
+    def agreed(prompt):
+        cache, n = lookup(prompt)
+        hi, neg_lo = mx.distributed.all_max(mx.array([n, -n], dtype=mx.int32), group=grp).tolist()
+        if hi != -neg_lo:
+            return None, 0
+        return cache, n
+
+    return agreed
+
+
 class DistributedEngine(Engine):
     """``Engine`` whose per-rank decisions agree across ``group`` (default: the joined group).
     Every rank must submit the same requests in the same order and call ``step`` in lockstep
@@ -63,8 +78,11 @@ class DistributedEngine(Engine):
     def __init__(self, pair, *, group=None, **kwargs):
         super().__init__(pair, **kwargs)
         self.group = group or default_group()
-        if self.policy is not None and self.group.size() > 1:
-            self.policy = SyncedPolicy(self.policy, self.group)
+        if self.group.size() > 1:
+            if self.policy is not None:
+                self.policy = SyncedPolicy(self.policy, self.group)
+            if self.prefix.max_bytes > 0:
+                self.prefix.lookup = _agreed_lookup(self.prefix.lookup, self.group)
 
     def submit(self, request: Request) -> int:
         uid = super().submit(request)
