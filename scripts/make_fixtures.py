@@ -414,7 +414,7 @@ def build_target_config(spec: dict):
         if "vision" in towers
         else None
     )
-    # subsampling_conv_channels[0] must stay 128 (spec §10): transformers sizes input_proj_linear from it
+    # subsampling_conv_channels[0] must stay 128 (mel bins): transformers sizes input_proj_linear from it
     audio = (
         tf.Gemma4AudioConfig(
             hidden_size=32,
@@ -508,7 +508,7 @@ def finite_clip_buffers(model) -> None:
 
 
 def patch_kv_sharing_modes_for_build() -> None:
-    """transformers 5.23 cannot even construct an all-KV-shared assistant (spec pitfall 11).
+    """transformers 5.23 cannot even construct an all-KV-shared assistant (its kv_sharing_modes raises for an all-shared config).
     The one copy of the rule: tests/reference.py:patch_kv_sharing_modes calls this."""
     import transformers as tf
 
@@ -643,7 +643,7 @@ def save_target(model, folder: Path, spec: dict, tok_dir: Path) -> None:
 def save_drafter(model, folder: Path, spec: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(folder))
-    # The released assistants ship no generation_config.json that we know of (spec §1.2 / §9.3).
+    # The released assistants ship no generation_config.json that we know of, so num_assistant_tokens lives in config.json.
     (folder / "generation_config.json").unlink(missing_ok=True)
     rewrite_drafter_config(folder, spec)
 

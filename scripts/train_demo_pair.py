@@ -379,7 +379,7 @@ def save_drafter(model, folder: Path, num_assistant_tokens: int) -> None:
     cfg = json.loads((folder / "config.json").read_text())
     cfg["text_config"] = _released_text_config(cfg["text_config"])
     (folder / "config.json").write_text(json.dumps(dict(sorted(cfg.items())), indent=2) + "\n")
-    # transformers' assisted generation reads num_assistant_tokens from here (spec §1.2)
+    # transformers' assisted generation reads num_assistant_tokens from here
     gc = {"bos_token_id": BOS, "eos_token_id": list(EOS_IDS), "pad_token_id": PAD,
           "num_assistant_tokens": int(num_assistant_tokens), "num_assistant_tokens_schedule": "constant",
           "transformers_version": "5.23.0"}
@@ -655,7 +655,7 @@ def init_drafter(drafter, target, ordering, assign, seed: int) -> None:
 
 
 def target_features(target, x):
-    """What the target hands the drafter for a whole sequence x [B, T] (spec §4): scaled token
+    """What the target hands the drafter for a whole sequence x [B, T]: scaled token
     embeddings, final-normed hidden states, producer K/V, and its greedy next-token choices."""
     import torch
 
@@ -1078,7 +1078,7 @@ def main(argv: list[str] | None = None) -> int:
     random.seed(args.seed)
     np.random.seed(args.seed)
     tf.logging.set_verbosity_error()
-    patch_kv_sharing_modes_for_build()  # spec pitfall 11: the all-shared assistant config
+    patch_kv_sharing_modes_for_build()  # transformers raises for an all-shared assistant config
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     timings, curves = {}, []

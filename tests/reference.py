@@ -48,7 +48,7 @@ def _torch():
 
 
 # ----------------------------------------------------------------------------------------------
-# spec pitfall 11: kv_sharing_modes
+# transformers 5.23 raises in kv_sharing_modes for an all-KV-shared config
 # ----------------------------------------------------------------------------------------------
 
 
@@ -299,7 +299,7 @@ def hf_assisted_greedy(
     num_assistant_tokens: int,
     eos_token_id="checkpoint",
 ) -> dict[str, Any]:
-    """transformers' assisted greedy generation with the MTP assistant (spec §6.1).
+    """transformers' assisted greedy generation with the MTP assistant.
 
     Returns ``{"tokens": new ids (prompt excluded), "rounds": [...], "accepted": int,
     "drafted": int}``; each round is ``{"input_len": len(input_ids) when drafting (= P_b + 1),

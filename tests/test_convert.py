@@ -233,7 +233,7 @@ def test_8bit_target_matches_mlx_lm_and_runs_speculatively(fx, tmp_path):
             q_bits=8, q_group_size=64, drafter_q_bits=4, drafter_q_group_size=32, progress=False)
     pair = load(str(out), str(out / "assistant"))
     assert pair.target.layers[0].self_attn.q_proj.bits == 8
-    # The centroid head gathers rows of a quantized embedding (dequantizing, spec pitfall 7).
+    # The centroid head gathers rows of a quantized embedding (dequantizing).
     assert isinstance(pair.drafter.model.embed_tokens, nn.QuantizedEmbedding)
     model, _ = mlx_lm.load(str(out))
     ids = mx.array([pair.tokenizer.encode(PROMPT)])

@@ -12,7 +12,7 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub import errors as hf_errors
 
 from mtp_mlx.errors import MtpError
-from mtp_mlx.loading import check_configs, compat, hub, load, weights
+from mtp_mlx.loading import check_configs, hub, load, pair_fit, weights
 from mtp_mlx.loading.tokenizer import eos_token_ids
 from mtp_mlx.models.config import DrafterConfig, TargetConfig
 from mtp_mlx.models.gemma4_text import is_text_weight
@@ -192,23 +192,23 @@ def _configs(fx, kind):
 
 def test_unknown_model_type(tmp_path):
     with pytest.raises(MtpError) as err:
-        compat.check_role({"model_type": "llama"}, "model", tmp_path)
+        pair_fit.check_role({"model_type": "llama"}, "model", tmp_path)
     assert "model_type 'llama'" in one_line(err) and "gemma4" in str(err.value)
 
 
 def test_roles_swapped_one_at_a_time(tmp_path):
     with pytest.raises(MtpError) as err:
-        compat.check_role({"model_type": "gemma4_assistant"}, "model", tmp_path)
+        pair_fit.check_role({"model_type": "gemma4_assistant"}, "model", tmp_path)
     assert "is a Gemma 4 drafter" in one_line(err)
     with pytest.raises(MtpError) as err:
-        compat.check_role({"model_type": "gemma4"}, "drafter", tmp_path)
+        pair_fit.check_role({"model_type": "gemma4"}, "drafter", tmp_path)
     assert "not a drafter" in one_line(err)
 
 
 def test_missing_config_field(tmp_path):
     raw = {"model_type": "gemma4", "text_config": {"hidden_size": 8}}
     with pytest.raises(MtpError) as err:
-        compat.parse_target(raw, tmp_path)
+        pair_fit.parse_target(raw, tmp_path)
     assert "config.json lacks" in one_line(err)
 
 
@@ -222,25 +222,25 @@ def test_pair_mismatch_lists_every_difference(fx):
     d_raw["text_config"]["rope_parameters"]["full_attention"]["rope_theta"] = 10000.0
     drafter = DrafterConfig.from_dict(d_raw)
     with pytest.raises(MtpError) as err:
-        compat.check_pair(target, drafter, target_name="T", drafter_name="D")
+        pair_fit.check_pair(target, drafter, target_name="T", drafter_name="D")
     text = one_line(err)
     assert text.startswith("drafter D does not fit target T: ")
     for part in ("backbone_hidden_size 256 != target hidden_size 128", "head_dim 16 != target head_dim 32",
                  "sliding_window 64 != target sliding_window 32", "full_attention rope_parameters"):
         assert part in text
-    assert text.endswith(compat.FIT_HINT)
+    assert text.endswith(pair_fit.FIT_HINT)
 
 
 def test_fitting_pairs_pass(fx):
     for kind in ("e2b", "moe", "dense", "unified"):
         t_raw, d_raw = _configs(fx, kind)
-        compat.check_pair(TargetConfig.from_dict(t_raw), DrafterConfig.from_dict(d_raw))
+        pair_fit.check_pair(TargetConfig.from_dict(t_raw), DrafterConfig.from_dict(d_raw))
 
 
 def test_kv_head_mismatch(fx):
     t_raw, _ = _configs(fx, "moe")
     _, d_raw = _configs(fx, "dense")
-    assert compat.mismatches(TargetConfig.from_dict(t_raw), DrafterConfig.from_dict(d_raw))
+    assert pair_fit.mismatches(TargetConfig.from_dict(t_raw), DrafterConfig.from_dict(d_raw))
     with pytest.raises(MtpError) as err:
         check_configs(fx / "moe" / "target", fx / "dense" / "assistant")
     assert "sliding-layer KV heads 4 != target sliding-layer KV heads 2" in one_line(err)

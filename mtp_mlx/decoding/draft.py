@@ -1,6 +1,7 @@
 """Drafting: K drafter steps from the target's last hidden state, reading the target cache.
 
-Query-position conventions (spec §5.2/§5.3), chosen by ``position``:
+Query-position conventions (which one the released drafters were trained with is not
+published), chosen by ``position``:
   "B"  (default; vLLM, mlx-vlm): RoPE position P_b - 1, the last committed token.
   "A"  (HF 5.23's position): RoPE position P_b; same committed keys as "B".
   "hf" (reference parity only): HF 5.23's position *and* its key selection, which can
@@ -46,7 +47,7 @@ def draft_context(cache: TargetCache, window: int, position: str = "B") -> Draft
 
 
 def hf_draft_context(views: Dict[str, KVView], P_b: int, end: int, q_len: int, window: int) -> DraftContext:
-    """HF 5.23's selection (spec §5.3), from views taken *before* rollback of the latest
+    """HF 5.23's selection (its K/V slice can hold stale entries of rejected drafts), from views taken *before* rollback of the latest
     target forward, which wrote ``q_len`` tokens ending at position ``end``."""
     pb = mx.array([[P_b]], dtype=mx.int32)
     t_start = max(0, end + 1 - (window - 1 + q_len))

@@ -1,7 +1,7 @@
 """Loading a Gemma 4 target and its MTP drafter: ``load(model, drafter)``.
 
 Stages, one module each: ``hub`` (folder or Hub repo id -> local folder), ``weights``
-(safetensors -> model), ``compat`` (roles and pair fit), ``tokenizer``, ``convert``.
+(safetensors -> model), ``pair_fit`` (roles and pair fit), ``tokenizer``, ``convert``.
 """
 
 from dataclasses import dataclass
@@ -13,7 +13,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from ..errors import MtpError
 from ..models.config import DRAFTER_MODEL_TYPES, TARGET_MODEL_TYPES, DrafterConfig, TargetConfig
-from . import compat, hub, weights
+from . import hub, pair_fit, weights
 from .tokenizer import load_tokenizer
 
 
@@ -86,13 +86,13 @@ def check_configs(
             f"model and drafter are swapped: {target_name} is a drafter and {drafter_name} "
             "is a target model: pass them the other way round"
         )
-    compat.check_role(raw_t, "model", target_name)
-    target_config = compat.parse_target(raw_t, target_path)
+    pair_fit.check_role(raw_t, "model", target_name)
+    target_config = pair_fit.parse_target(raw_t, target_path)
     if raw_d is None:
         return target_config, None
-    compat.check_role(raw_d, "drafter", drafter_name)
-    drafter_config = compat.parse_drafter(raw_d, drafter_path)
-    compat.check_pair(
+    pair_fit.check_role(raw_d, "drafter", drafter_name)
+    drafter_config = pair_fit.parse_drafter(raw_d, drafter_path)
+    pair_fit.check_pair(
         target_config, drafter_config, target_name=target_name, drafter_name=drafter_name
     )
     return target_config, drafter_config

@@ -181,7 +181,7 @@ def _predicate(group_size: int, router: bool) -> Callable:
     """Quantize every Linear/Embedding/SwitchLinear whose input size fits the group size.
 
     Embeddings are quantized too (as mlx-lm does): the drafter reads target embedding rows
-    through the embedding module, which dequantizes them (spec pitfall 14).
+    through the embedding module, which dequantizes them (a plain gather would return packed integers).
     """
 
     def predicate(path: str, m: nn.Module):
@@ -233,13 +233,13 @@ def _write_weights(folder: Path, model: nn.Module, prefix: str, progress: bool) 
 
 def _target_config(cfg, model: nn.Module, prefix: str, dtype) -> dict:
     """The source config with explicit text fields (mlx-lm's defaults differ from HF's,
-    spec §2.1), vision/audio configs dropped and the quantization block added."""
+    the released configs nest the text model there), vision/audio configs dropped and the quantization block added."""
     raw = {k: v for k, v in cfg.raw.items() if k not in _DROPPED_CONFIG_KEYS}
     text = dataclasses.asdict(cfg.text)
     if "text_config" in raw:
         base = {k: v for k, v in raw["text_config"].items() if k not in _DROPPED_CONFIG_KEYS}
         raw["text_config"] = {**base, **text, "model_type": cfg.text.model_type}
-        # mlx-lm's gemma4 wrapper overwrites text_config.vocab_size with this (spec §10).
+        # mlx-lm's gemma4 wrapper overwrites text_config.vocab_size with this, so it must be the text vocabulary.
         raw["vocab_size"] = cfg.text.vocab_size
     else:
         raw.update(text)

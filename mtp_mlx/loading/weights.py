@@ -5,7 +5,7 @@ Reads HF originals (``Gemma4ForConditionalGeneration``, ``Gemma4ForCausalLM``,
 only: pickle files (``*.bin``, ``*.pt``) are refused, and nothing from the folder is ever
 imported or executed (``auto_map`` / remote code in config.json is ignored).
 
-Not here: finding or downloading the folder (``hub``), pair checks (``compat``).
+Not here: finding or downloading the folder (``hub``), pair checks (``pair_fit``).
 """
 
 import json
@@ -22,7 +22,7 @@ from mlx_lm.utils import infer_quant_config
 from ..errors import MtpError
 from ..models import gemma4_assistant, gemma4_text
 from ..models.config import DrafterConfig, TargetConfig
-from . import compat
+from . import pair_fit
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -170,8 +170,8 @@ def load_target(path: Path, dtype=None, *, lazy: bool = False) -> Tuple[nn.Modul
     """
     path = Path(path)
     raw = read_config(path)
-    compat.check_role(raw, "model", path)
-    config = compat.parse_target(raw, path)
+    pair_fit.check_role(raw, "model", path)
+    config = pair_fit.parse_target(raw, path)
     model = gemma4_text.Model(config.text)
     weights = read_weights(path, keep=gemma4_text.is_text_weight)
     _finish(model, model.sanitize(weights), config.quantization, path, dtype, lazy)
@@ -182,8 +182,8 @@ def load_drafter(path: Path, dtype=None, *, lazy: bool = False) -> Tuple[nn.Modu
     """Build the Gemma 4 MTP assistant (drafter) from a checkpoint folder; see ``load_target``."""
     path = Path(path)
     raw = read_config(path)
-    compat.check_role(raw, "drafter", path)
-    config = compat.parse_drafter(raw, path)
+    pair_fit.check_role(raw, "drafter", path)
+    config = pair_fit.parse_drafter(raw, path)
     model = gemma4_assistant.Model(config)
     weights = read_weights(path)
     _finish(model, model.sanitize(weights), config.quantization, path, dtype, lazy)

@@ -1,6 +1,6 @@
 """Model configurations read from checkpoint ``config.json`` files.
 
-Never rely on library defaults (spec §2.1): every field that changes the computation is
+Never rely on library defaults (they differ between Gemma 4 sizes and library versions): every field that changes the computation is
 read from the file; the few defaults here are HF's own, used only when a key is absent.
 """
 
@@ -76,7 +76,7 @@ class TextConfig:
         return i < self.first_shared_layer
 
     def producer(self, layer_type: str) -> Optional[int]:
-        """Last KV-owning layer of ``layer_type`` (the layer the drafter reads, spec §1.1)."""
+        """Last KV-owning layer of ``layer_type`` (the layer whose K/V the drafter reads)."""
         owners = [i for i in range(self.first_shared_layer) if self.layer_types[i] == layer_type]
         return owners[-1] if owners else None
 
@@ -101,7 +101,7 @@ class TextConfig:
         layer_types[-1] = "full_attention"
         global_head_dim = d.get("global_head_dim")
         n_global_kv = d.get("num_global_key_value_heads")
-        # transformers >= 5.23 saves a derived per_layer_config map instead (spec §2.1).
+        # transformers >= 5.23 saves a derived per_layer_config map instead of the per-layer lists.
         plc = d.get("per_layer_config") or {}
         for idx, over in plc.items():
             if layer_types[int(idx)] == "full_attention":
@@ -193,7 +193,7 @@ class DrafterConfig:
                 f"{', '.join(DRAFTER_MODEL_TYPES)} (a Gemma 4 '-assistant' checkpoint)"
             )
         text = dict(d["text_config"])
-        # An assistant's num_kv_shared_layers of 0 means "all layers" (spec pitfall 19).
+        # An assistant's num_kv_shared_layers of 0 means "all layers" (every drafter layer reads the target's K/V).
         if not text.get("num_kv_shared_layers"):
             text["num_kv_shared_layers"] = text["num_hidden_layers"]
         tc = TextConfig.from_dict(text)

@@ -1,4 +1,4 @@
-"""Gemma 4 MTP drafter: ``gemma4_assistant`` and ``gemma4_unified_assistant`` (spec §5).
+"""Gemma 4 MTP drafter: ``gemma4_assistant`` and ``gemma4_unified_assistant`` .
 
 One draft step maps (scaled target embedding of the last token, target hidden) to a token
 distribution and the next hidden to feed back. The drafter owns no K/V: its four layers
@@ -102,7 +102,7 @@ class MaskedEmbedder(nn.Module):
         top = mx.argpartition(-cl, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
         ids = self.token_ordering.reshape(self.num_centroids, self.per_centroid)[top]
         ids = ids.reshape(B, L, -1)
-        rows = table(ids)  # [B, L, k*m, Hd]; dequantizing gather if quantized (pitfall 7)
+        rows = table(ids)  # [B, L, k*m, Hd]; a quantized table is dequantized by the gather
         logits = (rows @ hd[..., None]).squeeze(-1)
         return ids, logits
 
@@ -177,7 +177,7 @@ class Model(nn.Module):
         out = {}
         for name, w in weights.items():
             if name.startswith("lm_head"):
-                continue  # tied to model.embed_tokens (spec §3.4)
+                continue  # tied to model.embed_tokens (the checkpoint's lm_head is a copy)
             if name.endswith("token_ordering"):
                 w = w.astype(mx.int32)
             out[name] = w

@@ -1,4 +1,4 @@
-"""Gemma 4 text stack (the speculative target), our own MLX implementation (spec §2).
+"""Gemma 4 text stack (the speculative target), our own MLX implementation.
 
 Covers every released kind: E2B/E4B (per-layer embeddings, KV-shared layers, double-wide
 MLP), 26B-A4B (routed experts beside the dense MLP, V from the K projection), 31B (dense)
@@ -23,7 +23,7 @@ from ..ops.attention import visibility_mask
 from .config import TextConfig
 from .layers import MLP, RMSNorm, apply_rope, rope_inv_freq, rope_periods, scaled_embed_factor, softcap
 
-# Checkpoint keys that belong to other modalities: never read (spec §3.1/§3.2).
+# Checkpoint keys that belong to other modalities: never read (a CondGen checkpoint holds vision and audio towers).
 _NON_TEXT = ("vision_tower", "audio_tower", "embed_vision", "embed_audio", "vision_embedder",
              "multi_modal_projector")
 _PREFIXES = ("model.language_model.", "language_model.model.", "model.")
@@ -63,7 +63,7 @@ class Router(nn.Module):
 
     def __call__(self, h: mx.array):
         z = mx.fast.rms_norm(h, None, self.eps)
-        # Scalars applied in float32 like torch's opmath (spec pitfall 20).
+        # Scalars applied in float32 like torch's opmath (bf16 products would round differently).
         z = ((z * self.scale).astype(mx.float32) * self.root).astype(h.dtype)
         probs = mx.softmax(self.proj(z).astype(mx.float32), axis=-1)
         idx = mx.argpartition(-probs, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
@@ -188,7 +188,7 @@ class Model(nn.Module):
 
     # ---- pieces the drafter and the loop use ------------------------------------------
     def embed(self, ids: mx.array) -> mx.array:
-        """Scaled token embedding ``E[ids] * bf16(sqrt(H))`` [B, L, H] (spec §2.2)."""
+        """Scaled token embedding ``E[ids] * bf16(sqrt(H))`` [B, L, H] (the scale is rounded to bf16 as the reference does)."""
         e = self.embed_tokens(ids)
         return e * scaled_embed_factor(self.cfg.hidden_size, e.dtype)
 
@@ -250,7 +250,7 @@ class Model(nn.Module):
 
     # ---- weights ------------------------------------------------------------------------
     def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
-        """Map HF (CondGen or CausalLM) or mlx-lm checkpoint keys to ours (spec §3)."""
+        """Map HF (CondGen or CausalLM) or mlx-lm checkpoint keys to ours."""
         cfg = self.cfg
         out = {}
         for name, w in weights.items():

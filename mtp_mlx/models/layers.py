@@ -32,7 +32,7 @@ class MLP(nn.Module):
 
 
 def rope_inv_freq(rope: dict, head_dim: int) -> mx.array:
-    """Inverse frequencies [head_dim/2] for one layer type (spec §2.4).
+    """Inverse frequencies [head_dim/2] for one layer type (full layers use proportional RoPE).
 
     ``proportional`` rotates only ``partial_rotary_factor`` of the pairs but keeps the full
     ``head_dim`` in the exponent; the remaining pairs get frequency 0 (identity).
@@ -62,7 +62,7 @@ def apply_rope(x: mx.array, offsets: mx.array, periods: mx.array) -> mx.array:
 
 
 def scaled_embed_factor(hidden_size: int, dtype) -> mx.array:
-    """sqrt(hidden) rounded to the weight dtype, as the reference does (spec §2.2)."""
+    """sqrt(hidden) rounded to the weight dtype, as the reference does (it multiplies by a weight-dtype scalar)."""
     return mx.array(math.sqrt(hidden_size), dtype=mx.float32).astype(dtype)
 
 

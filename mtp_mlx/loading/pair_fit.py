@@ -1,7 +1,7 @@
 """Does a checkpoint play the role it was given, and does a drafter fit its target?
 
 The drafter attends to the target's K/V and reads its embedding rows and hidden states
-(spec §1.2, §4), so their geometry must agree exactly; ``check_pair`` lists every
+(the drafter attends over the target's own K/V and takes its hidden state), so their geometry must agree exactly; ``check_pair`` lists every
 difference in one message instead of failing later on a shape error.
 """
 
