@@ -82,7 +82,7 @@ def _pattern(n: int, period: int) -> List[str]:
     return [F if (i + 1) % period == 0 else S for i in range(n)]
 
 
-# The released text configurations (shared spec §1.1/§1.2): target and drafter fields.
+# The released text configurations (as published with the models): target and drafter fields.
 KINDS: Dict[str, dict] = {
     "e2b": dict(
         target=dict(

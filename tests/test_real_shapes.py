@@ -14,7 +14,7 @@ import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
 
-from mtp_mlx.loading import compat
+from mtp_mlx.loading import pair_fit
 from mtp_mlx.models import gemma4_assistant, gemma4_text
 from mtp_mlx.models.config import DrafterConfig, TargetConfig
 
@@ -32,7 +32,7 @@ def _load_script():
 mrs = _load_script()
 S, F = "sliding_attention", "full_attention"
 
-# What the released checkpoints imply (shared spec tables 1.1/1.2): full-attention layers,
+# What the released checkpoints imply (their published configs): full-attention layers,
 # producer layers (last KV-owning layer of each type), per-layer-input table width.
 RELEASED = {
     "e2b": dict(H=1536, N=35, full=list(range(4, 35, 5)), producers={S: 13, F: 14}, ple=35 * 256, Hd=256),
@@ -61,7 +61,7 @@ def test_released_configs_parse_with_their_geometry(kind):
     assert d.text.hidden_size == want["Hd"] and d.backbone_hidden_size == want["H"]
     assert d.use_ordered_embeddings == (want["ple"] > 0)
     assert d.num_centroids == 2048 and d.text.vocab_size == 262144
-    assert compat.mismatches(t, d) == []
+    assert pair_fit.mismatches(t, d) == []
 
 
 @pytest.mark.parametrize("kind,layers", [("e2b", 2), ("e2b", 10), ("e4b", 7), ("31b", 6), ("26b-a4b", 2)])
@@ -72,7 +72,7 @@ def test_slices_keep_a_producer_of_each_type(kind, layers):
     assert c.producer(S) is not None and c.producer(F) is not None
     released = mrs.KINDS[kind]["target"]
     assert c.num_kv_shared_layers <= released["num_kv_shared_layers"] * layers // released["num_hidden_layers"]
-    assert compat.mismatches(t, d) == []
+    assert pair_fit.mismatches(t, d) == []
 
 
 def _shapes(model):
