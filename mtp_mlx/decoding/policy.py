@@ -11,11 +11,12 @@ The model
 ---------
 * Acceptance. For row i and draft position j, ``a_ij`` is the probability that draft j is
   accepted given that drafts 1..j-1 were. A row keeps counts per position, decayed by the
-  rounds since they were last fed (so it follows drift, and a probe after a long park counts
-  for more than what was learnt before it), and blends them with a shared prior per position,
-  learned from every row and persisted across processes. K drafts commit ``E(K) = 1 + a_1 + a_1 a_2 + ... + a_1..a_K``
-  tokens on average. No row plans more than one position past the deepest position measured
-  ``trust`` times, so depth is climbed one step at a time, never on optimism alone.
+  rounds since they were last fed (at most ``decay_rounds_max`` rounds' worth, so it follows
+  drift and a probe after a long park counts for a little more), blended with a shared prior
+  per position that every row feeds and that persists across processes. K drafts commit
+  ``E(K) = 1 + a_1 + a_1 a_2 + ... + a_1..a_K`` tokens on average. No row plans more than one
+  position past the deepest position measured ``trust`` times, so depth is climbed one step
+  at a time, never on optimism alone.
 * Cost. ``C[b][k]`` is the smoothed wall time of a round whose largest K is k, for batch-size
   bucket b (1, 2, 3-4, 5-8, ...), k = 0 included. What enters the average is the median of the
   key's last three samples, clipped to ``[cost_clip[0], cost_clip[1]] x`` the current estimate:
@@ -23,8 +24,8 @@ The model
   ``cost_alpha * (cost_clip[1] - 1)`` (7.5 % by default) per round.
   The first sample of each (bucket, k) in a process is dropped (kernel compilation, warm-up).
   Measured costs are made non-decreasing in k (noise must not make a deeper round look
-  cheaper). Unmeasured costs are interpolated between measured k, else scaled from another bucket's
-  measured shape, else extended linearly from the last two measured k, else
+  cheaper). Unmeasured costs are interpolated between measured k, else scaled from another
+  bucket's measured shape, else extended linearly from the last two measured k, else
   ``C[b][0] * (1 + default_slope * k)``.
 * Choice. For every candidate round depth k, each row drafts ``min(k, its cap, its frontier)``
   except rows whose own best depth is 0, which ride along at K = 0. The score is the rows'
