@@ -5,7 +5,7 @@
 Never prints. Tokenizing and chat formatting live here.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
@@ -37,6 +37,7 @@ class GenerationResponse:
     peak_memory: float
     finish_reason: Optional[str] = None
     logprobs: Optional[list] = None
+    notices: List[str] = field(default_factory=list)  # first response: what the load-time checks decided
 
     prompt_tokens = property(lambda self: self.stats.prompt_tokens)
     prompt_tps = property(lambda self: self.stats.prompt_tps)
@@ -73,6 +74,7 @@ class BatchResponse:
     results: List[BatchResult]
     totals: RunStats
     peak_memory: float
+    notices: List[str] = field(default_factory=list)
 
     generation_tps = property(lambda self: self.totals.generation_tps)  # all rows' tokens after their first
     prompt_tps = property(lambda self: self.totals.prompt_tps)
@@ -142,9 +144,11 @@ def stream_generate(
                     position=draft_position, max_batch=1, policy=policy)
     engine.submit(Request(ids, max_tokens, cfg, stop, num_draft_tokens if use_drafter else 0, logprobs,
                           processors=processors))
+    notices = list(engine.notices)
     for ev in engine.run():
         yield GenerationResponse(ev.text, ev.tokens, ev.from_draft, ev.stats, mx.get_peak_memory() / 1e9,
-                                 ev.finish_reason, ev.logprobs)
+                                 ev.finish_reason, ev.logprobs, notices)
+        notices = []
 
 
 def _hf_parity(pair, ids, max_tokens, num_draft, cfg, attention):
@@ -221,4 +225,4 @@ def batch_generate(
         r.tokens.extend(ev.tokens)
         r.from_draft.extend(ev.from_draft)
         r.finish_reason, r.stats = ev.finish_reason, ev.stats
-    return BatchResponse([rows[u] for u in uids], engine.totals, mx.get_peak_memory() / 1e9)
+    return BatchResponse([rows[u] for u in uids], engine.totals, mx.get_peak_memory() / 1e9, list(engine.notices))

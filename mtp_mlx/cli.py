@@ -181,10 +181,15 @@ def generate(
     kw = dict(max_tokens=max_tokens, num_draft_tokens=k, use_drafter=not no_drafter and k != 0,
               sampling=sampling, stop=stop, attention=attention_backend, policy=policy)
     if prompts_file:
-        _print_batch(api.batch_generate(pair, ids, **kw))
+        resp = api.batch_generate(pair, ids, **kw)
+        for line in resp.notices:
+            typer.echo(f"mtp-mlx: {line}", err=True)
+        _print_batch(resp)
     else:
         last = None
         for last in api.stream_generate(pair, ids[0], draft_position=draft_position, **kw):
+            for line in last.notices:
+                typer.echo(f"mtp-mlx: {line}", err=True)
             sys.stdout.write(last.text)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -279,6 +284,31 @@ def tune(
     run_tuning(model, drafter, texts, max_tokens=max_tokens, runs=runs, warmup=warmup,
                batch_sizes=batch_sizes, draft_lengths=[parse_num_draft(k) for k in num_draft], out=out, save=save,
                echo=functools.partial(typer.echo, err=True))
+
+
+@app.command()
+@user_errors
+def check(
+    model: Optional[str] = typer.Option(None, "--model", help="Target (default: the bundled demo pair, every variant)."),
+    drafter: Optional[str] = typer.Option(None, "--drafter", "--draft-model", help="Its drafter."),
+    variant: List[str] = typer.Option([], "--variant", help="Also check the target cast or quantized: float32, "
+                                      "float16, bfloat16, 8bit, 4bit (repeatable)."),
+    attention_backend: str = typer.Option("auto", "--attention-backend", help="auto, reference or metal."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """What this machine does: MLX version and device, the Metal kernel's self-test, whether a
+    K+1-wide verify rounds exactly like one-token decoding, and the stored draft-length costs."""
+    from . import checks
+    from .ops import check_backend
+
+    check_backend(attention_backend)
+    costs = None
+    if model is not None:
+        from .loading import load
+        from .tuning import load_policy_prior
+
+        costs = load_policy_prior(load(model, drafter))
+    checks.check(model, drafter, variant or None, attention_backend, as_json, costs, echo=typer.echo)
 
 
 # ---- convert ------------------------------------------------------------------------------

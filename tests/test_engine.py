@@ -227,3 +227,19 @@ def test_join_latency_is_one_prefill_slice(agree):
     assert any(ev.uid == uid and ev.tokens for ev in first)
     second = engine.step()
     assert any(ev.uid == uid and ev.drafted == 3 for ev in second)
+
+
+def test_an_inexact_wide_verify_declines_greedy_speculation(agree):
+    """The load-time check finds a wide path that rounds differently: the engine says so in
+    one line and greedy rows never draft (sampled rows still may)."""
+    from tests.test_checks import WideRoundsDifferently
+
+    engine = Engine(agree, exactness_forward=WideRoundsDifferently(agree.target))
+    assert not engine.greedy_exact and len(engine.notices) == 1
+    assert "greedy speculation declined" in engine.notices[0] and "\n" not in engine.notices[0]
+    prompt = _ids(30, 40)
+    uid = engine.submit(Request(prompt, 40, num_draft=3))
+    events = [ev for ev in engine.run() if ev.uid == uid]
+    assert all(ev.drafted == 0 for ev in events)
+    assert [t for ev in events for t in ev.tokens] == plain(agree.target, prompt, 40)
+    assert Engine(agree).greedy_exact  # the real forward is exact on this backend

@@ -11,11 +11,15 @@ Not thread-safe: one thread calls ``submit``, ``cancel`` and ``step`` (a server 
 engine its own thread).
 """
 
+import functools
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import mlx.core as mx
 
 from ..errors import MtpError
 from ..limits import DEFAULT_MAX_TOKENS, DEFAULT_NUM_DRAFT, MAX_BATCH, MAX_DRAFT, check_num_draft
@@ -117,6 +121,34 @@ def bare_pair(target, drafter=None, tokenizer=None, eos_ids: Sequence[int] = ())
                            target_config=SimpleNamespace(eos_token_id=list(eos_ids)))
 
 
+_EXACT: Dict[int, Dict[str, Tuple[bool, str]]] = {}  # id(target) -> {backend: (exact, line)}
+
+
+def exactness(target, attention: str, forward=None) -> Tuple[bool, str]:
+    """Whether a K+1-wide verify rounds exactly like one-token decoding for this target and
+    backend (checked once per loaded target and backend; ``mtp_mlx.checks``)."""
+    from ..checks import speculation_gate
+
+    if forward is not None:  # an injected forward (tests): never cached
+        return speculation_gate(SimpleNamespace(target=target), attn_backend=attention, forward=forward)
+    if id(target) not in _EXACT:
+        _EXACT[id(target)] = {}
+        weakref.finalize(target, _EXACT.pop, id(target), None)  # models are unhashable dicts
+    per = _EXACT[id(target)]
+    if attention not in per:
+        per[attention] = speculation_gate(SimpleNamespace(target=target), attn_backend=attention, forward=forward)
+    return per[attention]
+
+
+@functools.lru_cache(maxsize=1)
+def _kernel_ok() -> Tuple[bool, str]:
+    """The Metal kernel's self-test, once per process, before its first use."""
+    from ..checks import kernel_self_test
+
+    res = kernel_self_test()
+    return res.status != "fail", res.message
+
+
 class Engine:
     def __init__(
         self,
@@ -128,7 +160,10 @@ class Engine:
         position: str = "B",
         prefix_cache_bytes: int = 0,
         policy=None,
+        exactness_forward=None,
     ):
+        """``exactness_forward``: a forward to run the load-time exactness check with instead
+        of the target's (tests inject one whose wide path rounds differently)."""
         if not 1 <= max_batch <= MAX_BATCH:
             raise MtpError(f"max_batch {max_batch} is out of range: use 1..{MAX_BATCH}")
         if position not in ("A", "B"):
@@ -138,7 +173,19 @@ class Engine:
         self.drafter = pair.drafter if use_drafter else None
         self.tokenizer = pair.tokenizer
         self.max_batch = max_batch
-        self.batch = Batch(self.target, self.drafter, position=position, attention=check_backend(attention))
+        self.notices: List[str] = []  # one line each: what the load-time checks decided
+        attention = check_backend(attention)
+        if attention == "auto" and mx.metal.is_available():
+            ok, line = _kernel_ok()
+            if not ok:
+                attention = "reference"
+                self.notices.append(f"{line}; using the reference attention instead")
+        self.greedy_exact = True
+        if self.drafter is not None:
+            self.greedy_exact, line = exactness(self.target, attention, exactness_forward)
+            if not self.greedy_exact:
+                self.notices.append(line)
+        self.batch = Batch(self.target, self.drafter, position=position, attention=attention)
         eos = set(getattr(pair.target_config, "eos_token_id", None) or ())
         eos |= set(getattr(self.tokenizer, "eos_token_ids", None) or ())
         self.eos = frozenset(eos)
@@ -255,7 +302,9 @@ class Engine:
         for uid in uids:
             lv = self.live[uid]
             caps[uid] = max(0, min(MAX_DRAFT, lv.req.max_tokens - lv.emitted - 1))
-            if lv.req.num_draft != "auto":
+            if not self.greedy_exact and lv.req.sampling.greedy:
+                fixed[uid] = 0  # a wide verify would not round like decoding: no greedy drafting
+            elif lv.req.num_draft != "auto":
                 fixed[uid] = min(lv.req.num_draft, caps[uid])
         if self.policy is None or len(fixed) == len(uids):
             return fixed
