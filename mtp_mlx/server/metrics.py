@@ -54,7 +54,7 @@ def render(snapshot: Dict[str, float], server: ServerMetrics, *, ready: bool) ->
     metric("ready", "gauge", "1 once the model is loaded and the engine thread runs.", [({}, int(ready))])
     metric("requests_in_flight", "gauge", "Requests admitted by the server and not yet finished.",
            [({}, server.in_flight)])
-    metric("requests_total", "counter", "Finished HTTP requests by endpoint and status code.",
+    metric("requests_total", "counter", "Completion requests answered, by endpoint and status code (a stream counts when it starts).",
            [({"endpoint": e, "code": str(c)}, n) for (e, c), n in sorted(server.requests.items())])
     for key, value in snapshot.items():
         name, kind, help_ = ENGINE_METRICS.get(key, (_safe(key), "gauge", f"Engine figure '{key}'."))
