@@ -176,8 +176,12 @@ def test_usage_chunk_only_with_include_usage(client):
     whole = chat(client, SHORT_CHAT, max_tokens=12)
     plain = list(chat(client, SHORT_CHAT, max_tokens=12, stream=True))
     assert all(c.usage is None and c.choices for c in plain)
-    counted = list(chat(client, SHORT_CHAT, max_tokens=12, stream=True, stream_options={"include_usage": True}))
+    counted = list(chat(client, SHORT_CHAT, max_tokens=12, stream=True, stream_options={"include_usage": True},
+                        logprobs=True, top_logprobs=1))
     assert all(c.usage is None and c.choices for c in counted[:-1])
+    # Streamed logprobs: one entry per token, in order, spelling the text.
+    lps = [t for c in counted[:-1] if c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert len(lps) == whole.usage.completion_tokens and "".join(t.token for t in lps) == text_of(whole)
     last = counted[-1]
     assert last.choices == []
     assert last.usage.completion_tokens == whole.usage.completion_tokens
