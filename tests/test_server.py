@@ -402,6 +402,41 @@ def test_queue_overflow_is_503_with_retry_after(small):
     assert r.usage.completion_tokens == 2
 
 
+def test_engine_fault_fails_its_requests_and_the_server_lives_on():
+    """An exception inside engine.step answers 500 (OpenAI shape) and the next request is served."""
+    from mtp_mlx.decoding.engine import Engine
+    from mtp_mlx.loading import load
+    from mtp_mlx.server.worker import EngineWorker
+
+    class FaultOnce(Engine):  # the real engine, made to fail once after a marked request arrives
+        marked = failed = False
+
+        def submit(self, request):
+            FaultOnce.marked |= request.max_tokens == 13
+            return super().submit(request)
+
+        def step(self):
+            if FaultOnce.marked and not FaultOnce.failed:
+                FaultOnce.failed = True
+                raise RuntimeError("injected fault")
+            return super().step()
+
+    worker = EngineWorker(lambda: load(str(DEMO_TARGET), str(DEMO_DRAFTER)), lambda pair: FaultOnce(pair)).start()
+    try:
+        assert worker.wait_ready(120)
+        config = ServerConfig(model_id=MODEL, max_batch=2, max_queue=2, num_draft="auto", has_drafter=True,
+                              default_max_tokens=16)
+        with BackgroundServer(create_app(worker, config)) as srv:
+            c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
+            with pytest.raises(openai.InternalServerError) as e:
+                c.completions.create(model=MODEL, prompt=ENDLESS, max_tokens=13, temperature=0)
+            assert e.value.body["code"] == "engine_error" and "injected fault" in e.value.body["message"]
+            assert c.completions.create(model=MODEL, prompt=ENDLESS, max_tokens=5).usage.completion_tokens == 5
+            assert metric(srv.url, "engine_faults_total") == 1 and metric(srv.url, "requests_in_flight") == 0
+    finally:
+        worker.close()
+
+
 def test_health_and_metrics(server):
     h = httpx.get(server.url + "/health", timeout=10)
     assert h.status_code == 200 and h.json()["status"] == "ok" and h.json()["model"] == MODEL
