@@ -437,7 +437,8 @@ def test_engine_fault_fails_its_requests_and_the_server_lives_on():
         worker.close()
 
 
-def test_health_and_metrics(server):
+def test_health_and_metrics(server, client):
+    chat(client, SHORT_CHAT, max_tokens=2)
     h = httpx.get(server.url + "/health", timeout=10)
     assert h.status_code == 200 and h.json()["status"] == "ok" and h.json()["model"] == MODEL
     body = httpx.get(server.url + "/metrics", timeout=10).text

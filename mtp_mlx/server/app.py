@@ -323,7 +323,8 @@ class Server:
         if not self.worker.alive:
             return JSONResponse({"status": "error", "error": "the engine thread has stopped"}, status_code=503)
         return JSONResponse({"status": "ok", "model": self.config.model_id, "running": snap.get("running", 0),
-                             "queued": snap.get("queued", 0), "in_flight": self.metrics.in_flight})
+                             "queued": snap.get("queued", 0), "in_flight": self.metrics.in_flight,
+                             "notices": self.worker.notices})
 
     async def prometheus(self, http: HttpRequest) -> Response:
         text = prom.render(self.worker.snapshot, self.metrics, ready=self.worker.ready)

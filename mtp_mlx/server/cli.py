@@ -78,6 +78,8 @@ def serve(
     typer.echo(f"mtp-mlx: loading {model_id}" + (f" with drafter {drafter}" if use_drafter else ""), err=True)
     worker.start()
     worker.wait_ready()
+    for line in worker.notices:
+        typer.echo(f"mtp-mlx: {line}", err=True)
     from .app import ServerConfig, create_app
 
     config = ServerConfig(model_id=model_id, max_batch=max_batch, max_queue=max_queue,

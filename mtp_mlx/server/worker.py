@@ -13,7 +13,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from ..errors import MtpError
 
@@ -71,6 +71,7 @@ class EngineWorker:
         self.load_error: Optional[BaseException] = None
         self.snapshot: Dict[str, float] = {}   # replaced whole after every step: safe to read from any thread
         self.faults = 0
+        self.notices: List[str] = []          # the engine's load-time decisions, one line each
 
     # ---- called from any thread ----------------------------------------------------------------
     def start(self) -> "EngineWorker":
@@ -113,6 +114,7 @@ class EngineWorker:
             self.load_error = err
             self._ready.set()
             return
+        self.notices = list(engine.notices)
         self._publish(engine)
         self._ready.set()
         while True:
