@@ -174,8 +174,8 @@ def test_draft_length_changing_every_round_keeps_greedy_output(agree):
     ks = {u: set() for u in uids}
     for ev in engine.run():
         toks[ev.uid].extend(ev.tokens)
-        if ev.stats.ks:
-            ks[ev.uid].add(ev.stats.ks[-1])
+        if ev.stats.rounds:
+            ks[ev.uid].add(ev.drafted)
     for u, p in zip(uids, prompts):
         assert toks[u] == plain(agree.target, p, 200)
         assert {0, 1, 3, 8} <= ks[u]

@@ -143,6 +143,8 @@ class Batch:
         self.bonus: Optional[mx.array] = None  # [B, 1] the newest emitted token, not yet in the cache
         self.hidden: Optional[mx.array] = None  # [B, 1, H] the target hidden state that produced it
         self.pending: deque = deque()  # _Prefill jobs, oldest first
+        self._ahead: Optional[tuple] = None  # (uids, the next plain round) queued ahead
+        self.prefilled = False  # whether the latest step also ran a prefill slice
         self._joined: Optional[tuple] = None  # (rows, cache, bonus, hidden) merged at the next boundary
 
     # ---- membership ----------------------------------------------------------------------
@@ -174,6 +176,7 @@ class Batch:
         keep = [b for b, r in enumerate(self.rows) if r.uid not in uids]
         if len(keep) == len(self.rows):
             return
+        self._drop_ahead()
         if not keep:
             self.rows, self.cache, self.bonus, self.hidden = [], None, None, None
             return
@@ -195,11 +198,13 @@ class Batch:
 
     def row_cache(self, uid: int) -> TargetCache:
         """A one-row copy of a running row's cache (its committed tokens; for the prefix cache)."""
+        self._drop_ahead()
         b = self.uids.index(uid)
         return self.cache.copy_rows([b])
 
     def offsets(self) -> Dict[int, int]:
         """Committed tokens per running row (the bonus excluded)."""
+        self._drop_ahead()
         return dict(zip(self.uids, self.cache.offsets)) if self.rows else {}
 
     # ---- one round ------------------------------------------------------------------------
@@ -209,14 +214,41 @@ class Batch:
         ks = ks or {}
         out: Dict[int, RowOut] = {}
         lazy: list = []
-        round_ = self._round(ks, lazy) if self.rows else None
+        plain = bool(self.rows) and not any(ks.get(r.uid, 0) for r in self.rows)
+        round_ = None
+        if self._ahead is not None:
+            uids, ahead = self._ahead
+            if plain and uids == self.uids:
+                round_ = ahead  # computed (or computing) since the last round
+                lazy.extend(round_[2:4] + (round_[5],))
+                self._ahead = None
+            else:
+                self._drop_ahead()
+        if round_ is None and self.rows:
+            round_ = self._round(ks, lazy)
         prefill = self._prefill_slice(lazy, idle=round_ is None)
+        if plain and round_ is not None and self._can_look_ahead():
+            # Plain decoding: queue the next round's forward now, so the device works on it
+            # while the host handles this round (undone with one trim if it goes unused).
+            ahead = self._verify(round_[3][:, None], mx.zeros((len(self.rows), 0), mx.int32), None,
+                                 [0] * len(self.rows), self.cache.offsets)
+            self._ahead = (list(self.uids), ahead)
+            mx.async_eval(ahead[2:4] + (ahead[5],))
         mx.eval(lazy)  # sync: the one per round
         if round_ is not None:
             out.update(self._finish_round(*round_))
         if prefill is not None:
             out.update(self._finish_prefill(*prefill))
         return out
+
+    def _can_look_ahead(self) -> bool:
+        return not any(r.processors or r.spec.logprobs is not None for r in self.rows)
+
+    def _drop_ahead(self) -> None:
+        """Undo the queued plain forward (its one cache entry per row)."""
+        if self._ahead is not None:
+            self._ahead = None
+            self.cache.trim(1)
 
     def _round(self, ks: Dict[int, int], lazy: list):
         rows, B = self.rows, len(self.rows)
@@ -233,8 +265,16 @@ class Batch:
             drafts = self._draft_greedy(K)
         else:
             drafts, q = self._draft_sampled(K, kb, P)
+        out = self._verify(self.bonus, drafts, q, kb, P)
+        lazy.extend(out[2:4] + (out[5],) + out[4] + tuple(x for v in out[6].values() for x in v))
+        return out
+
+    def _verify(self, bonus, drafts, q, kb: List[int], P: List[int]):
+        """Steps 2 and 3 of a round: one target forward over [bonus, drafts] and acceptance."""
+        rows, K = self.rows, drafts.shape[1]
+        greedy = all(r.cfg.greedy for r in rows)
         # 2. Verify [bonus, d_1..d_K] of every row in one target forward.
-        chunk = mx.concatenate([self.bonus, drafts], axis=1)
+        chunk = mx.concatenate([bonus, drafts], axis=1)
         res = self.target(chunk, self.cache, attn_backend=self.attention)
         # 3. Accept each row's agreeing prefix (at most its own k_b) plus one target token.
         if greedy:
@@ -249,11 +289,10 @@ class Batch:
             n, nxt = self._accept_sampled(chunk, drafts, q, res.logits, kb, P)
         lps = self._logprobs(chunk, drafts, res.logits, n, nxt)
         hidden = mx.take_along_axis(res.hidden, n[:, None, None], axis=1)  # [B, 1, H]
-        lazy.extend([n, nxt, drafts, hidden] + [x for x in lps.values() for x in x])
-        return kb, K, n, nxt, drafts, hidden, lps
+        return kb, K, n, nxt, (drafts,), hidden, lps
 
     def _finish_round(self, kb, K, n, nxt, drafts, hidden, lps) -> Dict[int, RowOut]:
-        n_acc, nexts, proposed = n.tolist(), nxt.tolist(), drafts.tolist()
+        n_acc, nexts, proposed = n.tolist(), nxt.tolist(), drafts[0].tolist()
         # 4. Roll back each row's K - n rejected entries; its next round starts from n.
         self.cache.trim([K - a for a in n_acc])
         out = {}
@@ -325,6 +364,7 @@ class Batch:
     def _prefill_slice(self, lazy: list, idle: bool):
         """Run prefill slices: one when rows are running, else until a job completes.
         Returns (job, first tokens, hidden, logits) when a job completed this round."""
+        self.prefilled = bool(self.pending)
         while self.pending:
             job = self.pending[0]
             P = job.length
@@ -361,6 +401,7 @@ class Batch:
             r.history.append(r.spec.prompt[-1])
             r.bonus = firsts[g]
         bonus = first[:, None]
+        self._drop_ahead()
         if not self.rows:
             self.rows, self.cache, self.bonus, self.hidden = list(job.rows), job.cache, bonus, hidden
         else:

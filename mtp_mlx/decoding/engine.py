@@ -140,6 +140,9 @@ def exactness(target, attention: str, forward=None) -> Tuple[bool, str]:
     return per[attention]
 
 
+_POLICIES: Dict[tuple, object] = {}  # (id(target), id(drafter)) -> the default DraftPolicy
+
+
 @functools.lru_cache(maxsize=1)
 def _kernel_ok() -> Tuple[bool, str]:
     """The Metal kernel's self-test, once per process, before its first use."""
@@ -199,11 +202,17 @@ class Engine:
         self._next_uid = 0
 
     def _default_policy(self):
+        """One policy per loaded pair and process, so what it measured carries over between
+        calls (``generate`` after ``generate``)."""
         if self.drafter is None:
             return None
         from .policy import DraftPolicy
 
-        return DraftPolicy(max_draft=MAX_DRAFT)
+        key = (id(self.target), id(self.drafter))
+        if key not in _POLICIES:
+            _POLICIES[key] = DraftPolicy(max_draft=MAX_DRAFT)
+            weakref.finalize(self.target, _POLICIES.pop, key, None)
+        return _POLICIES[key]
 
     # ---- requests ---------------------------------------------------------------------------
     def submit(self, request: Request) -> int:
@@ -271,8 +280,10 @@ class Engine:
         if rounds:
             self.rounds += 1
             if self.policy is not None:
+                # A round that also ran a prefill slice says nothing about a round's cost.
                 self.policy.observe({u: o.drafted for u, o in rounds.items()},
-                                    {u: o.accepted for u, o in rounds.items()}, seconds)
+                                    {u: o.accepted for u, o in rounds.items()},
+                                    None if self.batch.prefilled else seconds)
         if self.prefix.max_bytes > 0:
             for uid, out in outs.items():
                 if out.first:  # a segment boundary: the prompt's K/V, for later prompts that extend it

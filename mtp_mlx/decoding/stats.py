@@ -27,7 +27,7 @@ class RequestStats:
     drafted: int = 0
     accepted: int = 0
     histogram: List[int] = field(default_factory=list)  # [n] = rounds that accepted n drafts
-    ks: List[int] = field(default_factory=list)  # the K this row drafted, per round
+    ks: List[int] = field(default_factory=list)  # the K this row drafted, per round (append-only)
     submitted: float = 0.0
     first_token_at: Optional[float] = None
     last_token_at: Optional[float] = None
@@ -78,7 +78,9 @@ class RequestStats:
         return sum(1 for k in self.ks if k == 0) / len(self.ks) if self.ks else 0.0
 
     def snapshot(self) -> "RequestStats":
-        return RequestStats(**{**self.__dict__, "histogram": list(self.histogram), "ks": list(self.ks)})
+        """A copy for one event. The K trace is append-only and shared with later snapshots
+        (copying it every round would cost O(rounds) per round); ``ks[:rounds]`` is this one's."""
+        return RequestStats(**{**self.__dict__, "histogram": list(self.histogram)})
 
     def as_dict(self) -> dict:
         """The figures a report or an HTTP response carries."""
