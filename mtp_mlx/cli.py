@@ -12,7 +12,7 @@ from typing import List, Optional
 import typer
 
 from .errors import MtpError
-from .limits import DEFAULT_MAX_TOKENS
+from .limits import DEFAULT_MAX_TOKENS, MAX_BATCH, MAX_DRAFT
 
 DEFAULT_MLX_PATH = "mlx_model"
 DEFAULT_Q_BITS = 4
@@ -127,12 +127,12 @@ def generate(
         None, "--prompt", "-p", help="Prompt text; '-' (or omitted with piped input) reads standard input."
     ),
     prompts_file: Optional[str] = typer.Option(
-        None, "--prompts-file", help="Batch: one prompt per line (1..8 lines); outputs in input order."
+        None, "--prompts-file", help=f"Batch: one prompt per line (1..{MAX_BATCH} lines); outputs in input order."
     ),
     max_tokens: int = typer.Option(DEFAULT_MAX_TOKENS, "--max-tokens", "-m", help="Tokens to generate at most."),
     num_draft_tokens: str = typer.Option(
         "auto", "--num-draft-tokens", help="Draft tokens per round: auto (chosen each round from measured "
-        "costs; never slower than plain decoding by more than a bounded amount) or 1..8 fixed."
+        f"costs; never slower than plain decoding by more than a bounded amount) or 1..{MAX_DRAFT} fixed."
     ),
     no_drafter: bool = typer.Option(False, "--no-drafter", help="Decode with the target alone."),
     temp: float = typer.Option(0.0, "--temp", help="Sampling temperature; 0 = greedy."),
@@ -215,7 +215,7 @@ def _policy(pair):
 
 def parse_num_draft(value: str):
     """``--num-draft-tokens``: "auto" or an int 0..MAX_DRAFT."""
-    from .limits import MAX_DRAFT, check_num_draft
+    from .limits import check_num_draft
 
     if value.strip().lower() == "auto":
         return "auto"
@@ -227,8 +227,6 @@ def parse_num_draft(value: str):
 
 
 def _read_prompts_file(path: str) -> List[str]:
-    from .limits import MAX_BATCH
-
     try:
         with open(path, encoding="utf-8") as f:
             lines = [line.rstrip("\n") for line in f if line.strip()]
@@ -268,7 +266,7 @@ def tune(
     warmup: int = typer.Option(1, "--warmup", help="Untimed runs per cell first."),
     batch_sizes: List[int] = typer.Option(list((1, 2, 4, 8)), "--batch-size", help="Batch sizes to sweep (repeatable)."),
     num_draft: List[str] = typer.Option([*map(str, range(7)), "auto"], "--num-draft",
-                                        help="K values to sweep: 0 = no drafter, 1..8, auto (repeatable)."),
+                                        help=f"K values to sweep: 0 = no drafter, 1..{MAX_DRAFT}, auto (repeatable)."),
     out: str = typer.Option("tuning", "--out", help="Folder for the table, CSV, PNG and JSON."),
     save: bool = typer.Option(True, "--save/--no-save", help="Store the recommendation that generate uses."),
 ) -> None:

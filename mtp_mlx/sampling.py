@@ -5,13 +5,12 @@ p *and* the drafter's q after the same temperature and filters, so ``log_probs``
 filtered log-probabilities (``-inf`` outside the kept set) rather than a token.
 """
 
-from dataclasses import dataclass
 import secrets
+from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
-import numpy as np
-
 import mlx.core as mx
+import numpy as np
 
 from .errors import MtpError
 

@@ -12,13 +12,12 @@ import json
 import os
 import platform
 import statistics
-import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from .decoding.engine import Engine, generate_ids
 from .decoding.policy import DraftPolicy
-from .limits import check_num_draft
+from .limits import check_batch_size, check_num_draft
 
 BATCH_SIZES = (1, 2, 4, 8)
 DRAFT_LENGTHS = (0, 1, 2, 3, 4, 5, 6, "auto")  # 0 = no drafter
@@ -185,12 +184,10 @@ def run_tuning(model, drafter, texts=None, *, max_tokens=128, runs=3, warmup=1, 
     """Load the pair, sweep, write ``out/{tuning.txt,tuning.csv,tuning.png,tuning.json}`` and
     (``save``) store the recommendation. Returns the JSON report."""
     from .api import format_prompt
-    from .errors import MtpError
     from .loading import load
 
     for b in batch_sizes:
-        if not 1 <= b <= 8:
-            raise MtpError(f"batch size {b} is out of range: use 1..8")
+        check_batch_size(b, "batch size sweep")
     for k in draft_lengths:
         check_num_draft(k, "draft length")
     pair = load(model, drafter)

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from mtp_mlx.cache import KVView
-from mtp_mlx.loading.weights import load_drafter, load_target
 from mtp_mlx.decoding.draft import hf_draft_context
 from mtp_mlx.decoding.reference import hf_parity_rounds
-from tests.decode import plain
+from mtp_mlx.loading.weights import load_drafter, load_target
 from tests import reference as ref
+from tests.decode import plain
 
 TOL = 1e-4
 HF_KINDS = ["e2b", "e2b-text", "moe", "dense", "unified"]

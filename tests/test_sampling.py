@@ -7,14 +7,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mtp_mlx.decoding.accept import accept_exact_match, accept_sampled
+from mtp_mlx.decoding.batch import Batch, RowSpec
 from mtp_mlx.errors import MtpError
 from mtp_mlx.models.config import DrafterConfig, TextConfig
 from mtp_mlx.models.gemma4_assistant import Model as Drafter
 from mtp_mlx.models.gemma4_text import Model as Target
 from mtp_mlx.sampling import SamplingConfig, log_probs, repetition_penalty
-from mtp_mlx.decoding.accept import accept_exact_match, accept_sampled
-from mtp_mlx.decoding.batch import Batch, RowSpec
-from tests.decode import plain, run, spec
+from tests.decode import plain, spec
 from tests.tiny import _perturb, tiny_drafter, tiny_target
 
 ROWS = 4000  # scripted rule checks draw this many independent rows at once

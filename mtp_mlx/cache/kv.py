@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import mlx.core as mx
 
 from ..errors import MtpError
+from ..limits import MAX_DRAFT
 
 
 @dataclass
@@ -41,7 +42,7 @@ class LayerCache:
     ``max_draft`` entries, still needs.
     """
 
-    def __init__(self, window: int = 0, max_draft: int = 8, step: int = 256):
+    def __init__(self, window: int = 0, max_draft: int = MAX_DRAFT, step: int = 256):
         self.window = window
         self.max_draft = max_draft
         self.step = step
@@ -250,7 +251,7 @@ class TargetCache:
         return sum(c.nbytes for c in self.layers.values())
 
 
-def make_target_cache(cfg, max_draft: int = 8) -> TargetCache:
+def make_target_cache(cfg, max_draft: int = MAX_DRAFT) -> TargetCache:
     """Build the cache for a ``TextConfig``: one LayerCache per layer that owns K/V."""
     layers = {}
     for i in range(cfg.first_shared_layer):

@@ -18,6 +18,7 @@ import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchGLU
 
 from ..cache import KVView, TargetCache, make_target_cache
+from ..limits import MAX_DRAFT
 from ..ops import attention
 from ..ops.attention import visibility_mask
 from .config import TextConfig
@@ -196,7 +197,7 @@ class Model(nn.Module):
         """Tied, softcapped LM head on final-normed hidden states."""
         return softcap(self.embed_tokens.as_linear(hidden), self.cfg.final_logit_softcapping)
 
-    def make_cache(self, max_draft: int = 8) -> TargetCache:
+    def make_cache(self, max_draft: int = MAX_DRAFT) -> TargetCache:
         return make_target_cache(self.cfg, max_draft=max_draft)
 
     def _per_layer_inputs(self, ids: mx.array, x0: mx.array) -> mx.array:
