@@ -243,3 +243,31 @@ def test_an_inexact_wide_verify_declines_greedy_speculation(agree):
     assert all(ev.drafted == 0 for ev in events)
     assert [t for ev in events for t in ev.tokens] == plain(agree.target, prompt, 40)
     assert Engine(agree).greedy_exact  # the real forward is exact on this backend
+
+
+def test_prefix_cache_second_turn_reuses_the_first_and_equals_a_cold_run(agree):
+    """Turn 2 resends turn 1 (prompt longer than the window, so the rings have wrapped) plus
+    its answer and a new message: it reuses the cached K/V (cached_tokens > 0) and its output
+    equals a run without the cache, and the first round after the hit drafts."""
+    turn1 = _ids(45, 50)
+    engine = Engine(agree, prefix_cache_bytes=1 << 26)
+    uid = engine.submit(Request(turn1, 40, num_draft=3))
+    answer = [t for ev in engine.run() if ev.uid == uid for t in ev.tokens]
+    turn2 = turn1 + answer + _ids(7, 51)
+    uid = engine.submit(Request(turn2, 40, num_draft=3))
+    events = [ev for ev in engine.run() if ev.uid == uid]
+    hit = [t for ev in events for t in ev.tokens]
+    assert events[-1].stats.cached_tokens >= len(turn1) + len(answer) - 1
+    assert events[1].drafted == 3
+    assert hit == plain(agree.target, turn2, 40)
+    assert engine.metrics()["prefix_cache_hits"] == 1 and engine.metrics()["prefix_cache_bytes"] > 0
+    # A prompt sharing only the first 20 tokens would need a wrapped ring rewound by more than
+    # its slack: no hit, and still the right output.
+    other = Engine(agree, prefix_cache_bytes=1 << 26)
+    other.submit(Request(turn1, 20, num_draft=3))
+    list(other.run())
+    fork = turn1[:20] + _ids(30, 52)
+    uid = other.submit(Request(fork, 10, num_draft=3))
+    events = [ev for ev in other.run() if ev.uid == uid]
+    assert events[-1].stats.cached_tokens == 0
+    assert [t for ev in events for t in ev.tokens] == plain(agree.target, fork, 10)
