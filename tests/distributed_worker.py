@@ -134,11 +134,18 @@ def parity(args, rank, grp, wd):
         V = pair.target.cfg.vocab_size
         prompt = prompt_for(V)
         chunk = prompt_for(V, seed=1)[:4]
+        beat = lambda i: wd.beat()  # noqa: E731
         ref_prefill, ref_chunk, ref_hidden = forward_logits(pair.target, prompt, chunk)
-        ref_plain = generate(pair, [prompt], 0, distributed=False)[0]
+        ref_plain = generate(pair, [prompt], 0, distributed=False, on_step=beat)[0]
+        wd.beat()
         distribute(pair, args.mode, grp)
         wd.beat()
-        beat = lambda i: wd.beat()  # noqa: E731
+        # The engine's load-time check (a wide verify vs one-token steps, many forwards in one
+        # evaluation) on the split model: it must finish and agree on every rank.
+        from mtp_mlx.checks import wide_verify_exact
+
+        wide_exact = wide_verify_exact(pair.target).ok
+        wd.beat()
         t0 = time.perf_counter()
         prefill, chunk_logits, hidden = forward_logits(pair.target, prompt, chunk)
         (plain,) = generate(pair, [prompt], 0, on_step=beat)
@@ -159,7 +166,7 @@ def parity(args, rank, grp, wd):
             "chunk_diff": float(np.abs(chunk_logits - ref_chunk).max()),
             "hidden_diff": float(np.abs(hidden - ref_hidden).max()),
             "ref_plain": ref_plain, "plain": plain, "spec": spec, "sampled": sampled,
-            "batch": batch, "unseeded": unseeded, "served": served, "prefix": prefix,
+            "batch": batch, "unseeded": unseeded, "served": served, "prefix": prefix, "wide_exact": wide_exact,
             "plan": getattr(getattr(pair.target, "tp_plan", None), "kv", None),
             "whole": getattr(getattr(pair.target, "tp_plan", None), "whole", None),
             "seconds": time.perf_counter() - t0,

@@ -27,7 +27,9 @@ import distributed_worker as worker  # noqa: E402
 # accepted), 31B-like dense (K/V heads that split) and 26B-A4B-like MoE.
 # moe-mlx-4bit: quantized; its 64-wide experts are one quantization group, so they stay whole.
 # tiny-e2b: in memory, 2 KV heads (E4B-like): split K/V next to KV-shared layers, window 8.
-KINDS = {"tensor": ["agree", "dense", "moe", "moe-mlx-4bit", "tiny-e2b"], "pipeline": ["agree", "moe"]}
+# Pipeline parallel does not look inside layers: the e2b shape (K/V mirrored across stages) is
+# the one that matters there.
+KINDS = {"tensor": ["agree", "dense", "moe", "moe-mlx-4bit", "tiny-e2b"], "pipeline": ["agree"]}
 FULL = "agree"  # also sampled, batched, adaptive-K and unseeded requests
 
 
@@ -40,9 +42,13 @@ def _run(mode: str, out: Path, *extra: str, timeout: float = TIMEOUT):
 
 
 def _records(mode, fixtures, tmp_path_factory):
+    import mlx.core as mx
+
+    if not mx.distributed.is_available():
+        pytest.skip("this MLX build has no distributed backend")
     out = tmp_path_factory.mktemp(f"dist-{mode}")
     ranks = _run(mode, out, "--fixtures", str(fixtures), "--kinds", ",".join(KINDS[mode]), "--full", FULL,
-                 "--then-die", "dense", "--stall-timeout", "30")
+                 "--then-die", "dense", "--stall-timeout", "90")
     assert all((out / f"rank{r}.json").exists() for r in range(2)), ranks
     reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     arrays = [{k: dict(np.load(out / f"rank{r}_{k}.npz")) for k in KINDS[mode]} for r in range(2)]
