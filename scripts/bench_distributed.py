@@ -11,7 +11,6 @@ the tokens/s figures show function, not speed.
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path

@@ -21,7 +21,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 from mtp_mlx.distributed import distribute, init_distributed  # noqa: E402
 from mtp_mlx.distributed.launch import Watchdog, lost_peer_error, peer_lost  # noqa: E402
@@ -36,7 +35,7 @@ def load_kind(fixtures: Path, kind: str):
     if kind == "tiny-e2b":  # in memory: 2 KV heads (E4B-like: split K/V beside KV-shared layers)
         from types import SimpleNamespace
 
-        from tiny import tiny_drafter, tiny_target
+        from tests.tiny import tiny_drafter, tiny_target
 
         target = tiny_target("e2b", window=8)
         return SimpleNamespace(target=target, drafter=tiny_drafter(target, centroid=True))

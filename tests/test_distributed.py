@@ -15,13 +15,12 @@ import pytest
 
 from mtp_mlx.distributed.launch import local_ring
 from mtp_mlx.errors import MtpError
+from tests import distributed_worker as worker
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = str(ROOT / "tests" / "distributed_worker.py")
 TIMEOUT = 240  # seconds per two-rank run (about 30-60 s on an idle 2-core CPU)
 
-sys.path.insert(0, str(ROOT / "tests"))
-import distributed_worker as worker  # noqa: E402
 
 # e2b geometry (1 KV head, KV-shared layers, PLE; the agree pair, whose drafts are often
 # accepted), 31B-like dense (K/V heads that split) and 26B-A4B-like MoE.
@@ -193,7 +192,7 @@ class _Group:
 
 def test_shard_refuses_heads_that_do_not_divide():
     from mtp_mlx.distributed.tensor import check_tensor_parallel, kv_slice, shard_target
-    from tiny import target_config, tiny_target
+    from tests.tiny import target_config, tiny_target
 
     with pytest.raises(MtpError, match="query heads"):
         check_tensor_parallel(target_config("e2b"), 3)  # 4 query heads over 3 ranks
@@ -242,7 +241,7 @@ def test_real_geometries(name, cfg, sizes):
 
 def test_pipeline_stages_and_mirrors():
     from mtp_mlx.distributed.pipeline import PipelineTarget, stage_bounds
-    from tiny import tiny_target
+    from tests.tiny import tiny_target
 
     assert stage_bounds(8, 2) == [(0, 4), (4, 8)]
     assert stage_bounds(7, 3) == [(0, 3), (3, 5), (5, 7)]

@@ -11,7 +11,7 @@ Everything else (greedy acceptance, seeded sampling) is already identical becaus
 hidden states and drafts are the same arrays on every rank.
 """
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, Sequence
 
 import mlx.core as mx
 
