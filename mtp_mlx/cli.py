@@ -361,6 +361,11 @@ def convert(
         typer.echo(f"wrote {done.drafter_path}")
 
 
+from .server.cli import serve as _serve  # noqa: E402  (the command's heavy imports happen when it runs)
+
+app.command(name="serve")(user_errors(_serve))
+
+
 def main() -> None:
     """Console entry point (``mtp-mlx``, ``python -m mtp_mlx``)."""
     try:
