@@ -2,7 +2,7 @@
 
 Two servers on the bundled demo pair, both on ephemeral ports and torn down at the end:
 - ``server``: in this process (engine thread + uvicorn thread), max batch 8, prefix cache on;
-- ``small``: ``python -m mtp_mlx.server`` in a subprocess (the command line), max batch 1 and
+- ``small``: ``python -m mtp_mlx serve`` in a subprocess (the command line), max batch 1 and
   max queue 1, prefix cache off: the queue-overflow test and the cold reference for the prefix cache.
 Greedy unless a test says otherwise; outputs are compared with solo runs on an idle server.
 """
@@ -55,7 +55,7 @@ def aclient_factory(server):
 @pytest.fixture(scope="module")
 def small():
     """The command-line server with one row and one waiting slot; yields its base URL."""
-    cmd = [sys.executable, "-m", "mtp_mlx.server", "--host", "127.0.0.1", "--port", "0", "--max-batch", "1",
+    cmd = [sys.executable, "-m", "mtp_mlx", "serve", "--host", "127.0.0.1", "--port", "0", "--max-batch", "1",
            "--max-queue", "1", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines, found = [], threading.Event()
@@ -500,3 +500,14 @@ def test_parsing_rules():
         assert e.value.param == param, body
     with pytest.raises(ApiError):
         num_draft_for(spec({"mode": "on"}), 0, False)  # no drafter loaded
+
+
+def test_serve_command_rejects_bad_flags_in_one_line():
+    from typer.testing import CliRunner
+
+    from mtp_mlx.cli import app
+
+    for args, word in ((["--max-batch", "9"], "--max-batch"), (["--num-draft-tokens", "0"], "--num-draft-tokens"),
+                       (["--max-queue", "-1"], "--max-queue"), (["--port", "70000"], "--port")):
+        r = CliRunner().invoke(app, ["serve", *args])
+        assert r.exit_code == 1 and word in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
