@@ -19,7 +19,7 @@ from tests import distributed_worker as worker
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = str(ROOT / "tests" / "distributed_worker.py")
-TIMEOUT = 240  # seconds per two-rank run (about 30-60 s on an idle 2-core CPU)
+TIMEOUT = 420  # seconds per two-rank run (about 50-75 s on a 2-core CPU; far more when it is shared)
 
 
 # e2b geometry (1 KV head, KV-shared layers, PLE; the agree pair, whose drafts are often
@@ -174,6 +174,9 @@ def test_prefix_cache_hits_on_every_rank(request, mode):
     reports, _, _ = _get(request, mode)
     rec = reports[0]["kinds"][FULL]
     assert rec["prefix"]["hits"] == 1
+    # The engine's load-time exactness check (many forwards in one evaluation) ran on the split
+    # model; its verdict is the same on both ranks (compared with everything else above).
+    assert rec["wide_exact"] in (True, False)
     assert rec["prefix"]["tokens"][1] == rec["plain"]["tokens"][5:]
     assert reports[1]["kinds"][FULL]["prefix"] == rec["prefix"]
 
