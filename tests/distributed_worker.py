@@ -164,6 +164,7 @@ def parity(args, rank, grp, wd):
             "prefill_diff": float(np.abs(prefill - ref_prefill).max()),
             "chunk_diff": float(np.abs(chunk_logits - ref_chunk).max()),
             "hidden_diff": float(np.abs(hidden - ref_hidden).max()),
+            "logit_scale": float(max(np.abs(ref_prefill).max(), np.abs(ref_chunk).max())),
             "ref_plain": ref_plain, "plain": plain, "spec": spec, "sampled": sampled,
             "batch": batch, "unseeded": unseeded, "served": served, "prefix": prefix, "wide_exact": wide_exact,
             "plan": getattr(getattr(pair.target, "tp_plan", None), "kv", None),
