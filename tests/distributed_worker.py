@@ -100,29 +100,35 @@ def serve_lockstep(pair, prompt, hot, rank, on_step):
     """A server's loop: only rank 0 has requests (a sampled one, then a greedy one joining
     at round 2, the first cancelled at round 6); every rank syncs then steps."""
     from mtp_mlx.decoding.engine import Request, bare_pair
-    from mtp_mlx.distributed.engine import LockstepEngine
+    from mtp_mlx.distributed.engine import LockstepEngine, follow
 
     eng = LockstepEngine(bare_pair(pair.target, pair.drafter))
     toks, reasons, i = {}, {}, 0
-    while True:
-        new, cancel = [], []
-        if rank == 0:
-            if i == 0:
-                new = [Request(list(prompt), max_tokens=GEN, sampling=hot, num_draft=3)]
-            if i == 2:
-                new = [Request(list(prompt), max_tokens=GEN, num_draft=3)]
-            if i == 6:
-                cancel = [0]
-        _, stop = eng.sync(new, cancel, stop=rank == 0 and i > 2 and eng.idle)
-        if stop:
-            break
-        for ev in eng.step():
+
+    def record(events):
+        for ev in events:
             toks.setdefault(str(ev.uid), []).extend(ev.tokens)
             if ev.finish_reason:
                 reasons[str(ev.uid)] = ev.finish_reason
-        on_step(i)
+        on_step(0)
+
+    if rank != 0:
+        follow(eng, on_events=record)  # a follower: rank 0 decides everything
+        return {"tokens": toks, "reasons": reasons}
+    while True:
+        new, cancel = [], []
+        if i == 0:
+            new = [Request(list(prompt), max_tokens=GEN, sampling=hot, num_draft=3)]
+        if i == 2:
+            new = [Request(list(prompt), max_tokens=GEN, num_draft=3)]
+        if i == 6:
+            cancel = [0]
+        _, stop = eng.sync(new, cancel, stop=i > 2 and eng.idle)
+        if stop:
+            break
+        record(eng.step())
         i += 1
-    return {"tokens": toks, "reasons": reasons, "steps": i}
+    return {"tokens": toks, "reasons": reasons}
 
 
 def parity(args, rank, grp, wd):

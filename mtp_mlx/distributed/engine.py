@@ -141,3 +141,17 @@ class LockstepEngine(DistributedEngine):
         for uid in msg["cancel"]:
             self.cancel(uid)
         return uids, msg["stop"]
+
+
+def follow(engine: LockstepEngine, on_events=None) -> None:
+    """The loop of every rank but 0 under a server: take rank 0's requests, run the round,
+    repeat until rank 0 asks to stop. ``on_events(events)``: optional (e.g. tests, logging).
+    Rank 0's engine thread calls ``engine.sync(new, cancels, stop)`` then ``engine.step()``
+    in the same rhythm, also while idle (the followers wait inside the collective)."""
+    while True:
+        _, stop = engine.sync()
+        if stop:
+            return
+        events = engine.step()
+        if on_events is not None:
+            on_events(events)
