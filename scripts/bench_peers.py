@@ -365,14 +365,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     results: Dict[str, List[dict]] = {c: [] for c in cases}
     python = {c: args.peers_python if c in PEER_CASES else sys.executable for c in cases}
     residents: Dict[str, Resident] = {}
+    failed: Dict[str, str] = {}  # a peer that cannot load this checkpoint is reported, not fatal
     try:
         if args.resident:
             for case in cases:
-                residents[case] = Resident(case, job, python[case])
+                try:
+                    residents[case] = Resident(case, job, python[case])
+                except RuntimeError as err:
+                    failed[case] = str(err)
         for r in range(args.rounds):
             for case in cases:
+                if case in failed:
+                    continue
                 t0 = time.perf_counter()
-                res = residents[case].run() if args.resident else run_case(case, job, python[case], args.timeout)
+                try:
+                    res = residents[case].run() if args.resident else run_case(case, job, python[case], args.timeout)
+                except (RuntimeError, subprocess.TimeoutExpired) as err:
+                    failed[case] = str(err)
+                    continue
                 results[case].append(res)
                 tps = ", ".join(f"{x['decode_tps']:.2f}" for x in res["runs"])
                 print(f"[round {r + 1}/{args.rounds}] {case:<10} load {res['load_s']:.1f}s  decode tok/s {tps}  "
@@ -380,9 +390,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         for w in residents.values():
             w.close()
+    for case, err in failed.items():
+        print(f"{case}: {err}", file=sys.stderr)
+    results = {c: v for c, v in results.items() if v}
     reference = results["ours-plain"][0]["runs"][0]["ids"] if "ours-plain" in results else None
     summary = summarize(results, reference)
 
+    for case in failed:
+        print(f"{case}: failed ({failed[case][:160]})")
     print(f"\n{'case':<11} {'tok/s':>8} {'ttft s':>7} {'load s':>7} {'accept':>7} {'peak GB':>8} "
           f"{'RSS GB':>7} {'weights GB':>10} {'same ids':>8}")
     for case, s in summary.items():
@@ -401,7 +416,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "model": args.model, "drafter": args.drafter, "prompt_tokens": len(ids), "max_tokens": args.max_tokens,
         "num_draft": args.num_draft, "rounds": args.rounds, "runs_per_process": args.runs_per_process,
         "warmup": args.warmup, "machine": platform.machine(), "cpu_count": os.cpu_count(),
-        "load_average": os.getloadavg(), "results": summary, "ratios": ratios,
+        "load_average": os.getloadavg(), "results": summary, "ratios": ratios, "failed": failed,
     }
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

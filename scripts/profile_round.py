@@ -15,7 +15,10 @@ kernel launch or more on a GPU). Two views:
 
 Time split of our round (each piece evaluated on its own, so no overlap): draft, verify,
 accept, rollback and host bookkeeping, next to the real (overlapped) round time of the
-Engine. Peers: round / token time of their loops and their forward-pass times.
+Engine. For every loop (ours and the peers'): seconds per round and the host share of it
+(wall time not spent blocked in a sync: Python, graph building, bookkeeping), and the
+forward-pass times. The first round after the prefill is left out of the per-round figures
+(it also evaluates work the prefill left lazy).
 
 Each library runs in its own process, one at a time (the peers in ``--peers-python``, a venv
 that is never part of our dependencies). Prints a table and JSON (``--json``).
@@ -132,6 +135,40 @@ class SyncCounter:
     def take(self):
         ev, self.events = self.events, []
         return ev
+
+
+class SyncTimer:
+    """Time the host spends blocked in syncs (``mx.eval``, ``item``, ``tolist``) while active;
+    the rest of the wall time is host work (Python, building graphs, bookkeeping)."""
+
+    def __init__(self):
+        self.blocked = 0.0
+
+    def __enter__(self):
+        import mlx.core as mx
+
+        self._saved = (mx.eval, {m: getattr(mx.array, m) for m in ("item", "tolist")})
+
+        def timed(f):
+            def g(*a, **k):
+                t0 = time.perf_counter()
+                try:
+                    return f(*a, **k)
+                finally:
+                    self.blocked += time.perf_counter() - t0
+            return g
+
+        mx.eval = timed(self._saved[0])
+        for m, f in self._saved[1].items():
+            setattr(mx.array, m, timed(f))
+        return self
+
+    def __exit__(self, *exc):
+        import mlx.core as mx
+
+        mx.eval = self._saved[0]
+        for m, f in self._saved[1].items():
+            setattr(mx.array, m, f)
 
 
 def _summ(events) -> dict:
@@ -262,15 +299,19 @@ def worker_ours(job: dict) -> dict:
                 s["tokens"] = sum(len(e.tokens) for e in evs)
                 s["accepted"] = sum(e.accepted for e in evs)
                 rounds.append(s)
-        res[f"engine {mode}: round"] = _round_summary(rounds)
+        # the first round also evaluates work the prefill step left lazy: not a steady round
+        res[f"engine {mode}: round"] = _round_summary(rounds[1:] if len(rounds) > 2 else rounds)
         eng.submit(Request(list(ids), max_tokens=job["max_tokens"], num_draft=k))
         stamps = []
-        while eng.live:
-            t_a = time.perf_counter()
-            evs = eng.step()
-            stamps.append((time.perf_counter() - t_a, sum(len(e.tokens) for e in evs)))
-        res[f"engine {mode}: round"]["seconds_per_round"] = statistics.median(s for s, _ in stamps[1:])
-        res[f"engine {mode}: round"]["tokens_per_second"] = sum(n for _, n in stamps[1:]) / sum(s for s, _ in stamps[1:])
+        with SyncTimer() as st:
+            while eng.live:
+                t_a, b_a = time.perf_counter(), st.blocked
+                evs = eng.step()
+                stamps.append((time.perf_counter() - t_a, sum(len(e.tokens) for e in evs), st.blocked - b_a))
+        rest = stamps[1:]
+        res[f"engine {mode}: round"]["seconds_per_round"] = statistics.median(s for s, _, _ in rest)
+        res[f"engine {mode}: round"]["host_seconds_per_round"] = statistics.median(s - b for s, _, b in rest)
+        res[f"engine {mode}: round"]["tokens_per_second"] = sum(n for _, n, _ in rest) / sum(s for s, _, _ in rest)
 
     # 4. our round split into pieces, each evaluated on its own (no overlap)
     res["split"] = _split_round(target, drafter, ids, K, job["rounds"], attention, accept_greedy, draft_context)
@@ -392,11 +433,21 @@ def worker_lm(job: dict) -> dict:
     rest = steps[1:]
     for s in rest:
         s["tokens"], s["accepted"] = 1, 0
-    res["plain loop: token"] = _round_summary(rest)
-    stamps = [time.perf_counter() for _ in generate_step(mx.array(ids), model, max_tokens=job["max_tokens"], sampler=greedy)]
-    res["plain loop: token"]["seconds_per_round"] = statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
-    res["plain loop: token"]["tokens_per_second"] = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    res["plain loop: token"] = _round_summary(rest[1:] if len(rest) > 2 else rest)
+    with SyncTimer() as st:
+        stamps = [(time.perf_counter(), st.blocked)
+                  for _ in generate_step(mx.array(ids), model, max_tokens=job["max_tokens"], sampler=greedy)]
+    res["plain loop: token"].update(_loop_times(stamps, len(stamps) - 1))
     return res
+
+
+def _loop_times(stamps, rounds: int) -> dict:
+    """Per-round wall and host (not blocked in a sync) seconds from (time, blocked) stamps
+    taken at each yield, the first (after the prefill) excluded."""
+    (t0, b0), (t1, b1) = stamps[0], stamps[-1]
+    wall, blocked = t1 - t0, b1 - b0
+    return {"seconds_per_round": wall / max(1, rounds), "host_seconds_per_round": (wall - blocked) / max(1, rounds),
+            "tokens_per_second": (len(stamps) - 1) / wall if wall > 0 else None}
 
 
 def worker_vlm(job: dict) -> dict:
@@ -447,11 +498,11 @@ def worker_vlm(job: dict) -> dict:
             "primitives_per_round": {k: v / per for k, v in Counter(s["primitives"]).most_common()},
         }
         before = _rounds(drafter)
-        stamps = [time.perf_counter() for _ in generate_step(mx.array([ids]), model, None, None,
-                                                            max_tokens=job["max_tokens"], temperature=0.0, **kw)]
+        with SyncTimer() as st:
+            stamps = [(time.perf_counter(), st.blocked) for _ in generate_step(
+                mx.array([ids]), model, None, None, max_tokens=job["max_tokens"], temperature=0.0, **kw)]
         n_r = (_rounds(drafter) - before) if kw else len(stamps) - 1
-        res[f"{mode} loop: round"]["seconds_per_round"] = (stamps[-1] - stamps[0]) / max(1, n_r)
-        res[f"{mode} loop: round"]["tokens_per_second"] = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+        res[f"{mode} loop: round"].update(_loop_times(stamps, n_r))
     return res
 
 
@@ -494,7 +545,7 @@ def print_tables(report: dict, K: int) -> None:
         vals = [x.get("pieces", {}).get(p, {}).get("ops") for x in (ours, vlm, lm)]
         print(f"{p:<34} {_fmt(vals[0]):>8} {_fmt(vals[1]):>8} {_fmt(vals[2]):>8}")
     print(f"\nwhole loops (per round; plain: per token)\n{'loop':<22} {'ops':>8} {'syncs':>6} {'tok/round':>9} "
-          f"{'ops/tok':>8} {'s/round':>8} {'tok/s':>7}")
+          f"{'ops/tok':>8} {'s/round':>8} {'host s':>8} {'tok/s':>7}")
     rows = [("ours spec", ours.get("engine spec: round")), ("mlx-vlm MTP", vlm.get("mtp loop: round")),
             ("ours plain", ours.get("engine plain: round")), ("mlx-vlm plain", vlm.get("plain loop: round")),
             ("mlx-lm plain", lm.get("plain loop: token"))]
@@ -503,7 +554,8 @@ def print_tables(report: dict, K: int) -> None:
             continue
         print(f"{name:<22} {_fmt(s.get('ops_per_round')):>8} {_fmt(s.get('syncs_per_round'), '.1f'):>6} "
               f"{_fmt(s.get('tokens_per_round'), '.2f'):>9} {_fmt(s.get('ops_per_token'), '.0f'):>8} "
-              f"{_fmt(s.get('seconds_per_round'), '.3f'):>8} {_fmt(s.get('tokens_per_second'), '.2f'):>7}")
+              f"{_fmt(s.get('seconds_per_round'), '.4f'):>8} {_fmt(s.get('host_seconds_per_round'), '.4f'):>8} "
+              f"{_fmt(s.get('tokens_per_second'), '.2f'):>7}")
     print("\nops per round by the function that synced")
     for name, s in rows:
         if s:
