@@ -20,8 +20,23 @@ from .sampling import SamplingConfig
 Prompt = Union[str, Sequence[int]]
 
 
+class _StatsView:
+    """The request's figures as properties (one definition: ``decoding.stats.RequestStats``)."""
+
+    stats: RequestStats
+    prompt_tokens = property(lambda self: self.stats.prompt_tokens)
+    prompt_tps = property(lambda self: self.stats.prompt_tps)
+    generation_tokens = property(lambda self: self.stats.generation_tokens)
+    generation_tps = property(lambda self: self.stats.generation_tps)
+    drafted = property(lambda self: self.stats.drafted)
+    accepted = property(lambda self: self.stats.accepted)
+    target_forwards = property(lambda self: self.stats.rounds)
+    acceptance_rate = property(lambda self: self.stats.acceptance_rate)
+    tokens_per_forward = property(lambda self: self.stats.tokens_per_forward)
+
+
 @dataclass
-class GenerationResponse:
+class GenerationResponse(_StatsView):
     """One round's output (the first response: the prefill's token) plus running statistics.
 
     text: the new text segment; tokens: ids emitted by this round; from_draft: per token,
@@ -39,19 +54,9 @@ class GenerationResponse:
     logprobs: Optional[list] = None
     notices: List[str] = field(default_factory=list)  # first response: what the load-time checks decided
 
-    prompt_tokens = property(lambda self: self.stats.prompt_tokens)
-    prompt_tps = property(lambda self: self.stats.prompt_tps)
-    generation_tokens = property(lambda self: self.stats.generation_tokens)
-    generation_tps = property(lambda self: self.stats.generation_tps)
-    drafted = property(lambda self: self.stats.drafted)
-    accepted = property(lambda self: self.stats.accepted)
-    target_forwards = property(lambda self: self.stats.rounds)
-    acceptance_rate = property(lambda self: self.stats.acceptance_rate)
-    tokens_per_forward = property(lambda self: self.stats.tokens_per_forward)
-
 
 @dataclass
-class BatchResult:
+class BatchResult(_StatsView):
     """One prompt's result in a batch, in input order."""
 
     text: str
@@ -59,14 +64,6 @@ class BatchResult:
     from_draft: List[bool]
     finish_reason: Optional[str]
     stats: RequestStats
-
-    prompt_tokens = property(lambda self: self.stats.prompt_tokens)
-    drafted = property(lambda self: self.stats.drafted)
-    accepted = property(lambda self: self.stats.accepted)
-    target_forwards = property(lambda self: self.stats.rounds)
-    generation_tps = property(lambda self: self.stats.generation_tps)
-    acceptance_rate = property(lambda self: self.stats.acceptance_rate)
-    tokens_per_forward = property(lambda self: self.stats.tokens_per_forward)
 
 
 @dataclass
