@@ -23,7 +23,8 @@ time excludes the imports (reported apart).
 
 Greedy, no EOS (every run decodes exactly ``--max-tokens``). Decode speed is
 (N - 1) / (t_N - t_1), t_i = when the i-th token reached the host (prefill excluded); a
-speculative round's tokens arrive together. Also reported: load seconds, time to first token,
+speculative round's tokens arrive together. Also reported: load seconds (our Engine's start-up,
+which may run checks, apart), time to first token,
 peak memory (MLX's counter and the process's maximum resident set), weight bytes, acceptance,
 and whether each case's tokens equal ours-plain's.
 
@@ -69,7 +70,9 @@ class _Ours:
         from mtp_mlx.decoding.engine import Engine
 
         self.pair = load(model, drafter if spec else None)
+        t0 = time.perf_counter()
         self.engine = Engine(self.pair, max_batch=1, use_drafter=spec)
+        self.init_s = time.perf_counter() - t0  # with a drafter: the engine's start-up checks
         self.engine.eos = frozenset()  # decode exactly max_tokens: equal work in every run
         self.engine.tokenizer = None  # ids only, as the peers' generate_step loops (no detokenizer)
         self.models = (self.pair.target, self.pair.drafter)
@@ -195,8 +198,9 @@ def worker(args) -> None:
     t0 = time.perf_counter()
     runner = cls(job["model"], job["drafter"], spec)
     mx.eval([m.parameters() for m in runner.models if m is not None])
-    load_s = time.perf_counter() - t0
-    head = {"case": job["case"], "import_s": import_s, "load_s": load_s,
+    init_s = getattr(runner, "init_s", 0.0)
+    load_s = time.perf_counter() - t0 - init_s
+    head = {"case": job["case"], "import_s": import_s, "load_s": load_s, "engine_init_s": init_s,
             "weights_bytes": _weights_bytes(*runner.models)}
     for _ in range(job["warmup"]):
         runner.run(job["ids"], job["warmup_tokens"], job["num_draft"])
@@ -303,6 +307,7 @@ def summarize(results: Dict[str, List[dict]], reference: Optional[List[int]]) ->
             "ttft_s": med("ttft_s"),
             "load_s": statistics.median([p["load_s"] for p in procs]),
             "import_s": statistics.median([p["import_s"] for p in procs]),
+            "engine_init_s": statistics.median([p.get("engine_init_s", 0.0) for p in procs]),
             "weights_bytes": procs[0]["weights_bytes"],
             "peak_mlx_bytes": max(r["peak_mlx_bytes"] for r in runs),
             "max_rss_bytes": max(p["max_rss_bytes"] for p in procs),
