@@ -226,7 +226,7 @@ class Batch:
                 self._drop_ahead()
         if round_ is None and self.rows:
             round_ = self._round(ks, lazy)
-        prefill = self._prefill_slice(lazy, idle=round_ is None)
+        prefilled = self._prefill_slice(lazy, idle=round_ is None)
         if plain and round_ is not None and self._can_look_ahead():
             # Plain decoding: queue the next round's forward now, so the device works on it
             # while the host handles this round (undone with one trim if it goes unused).
@@ -237,8 +237,8 @@ class Batch:
         mx.eval(lazy)  # sync: the one per round
         if round_ is not None:
             out.update(self._finish_round(*round_))
-        if prefill is not None:
-            out.update(self._finish_prefill(*prefill))
+        for job in prefilled:
+            out.update(self._finish_prefill(*job))
         return out
 
     def _can_look_ahead(self) -> bool:
@@ -361,10 +361,12 @@ class Batch:
         return out
 
     # ---- prefill ----------------------------------------------------------------------------
-    def _prefill_slice(self, lazy: list, idle: bool):
-        """Run prefill slices: one when rows are running, else until a job completes.
-        Returns (job, first tokens, hidden, logits) when a job completed this round."""
+    def _prefill_slice(self, lazy: list, idle: bool) -> list:
+        """Run prefill slices: one when rows are running; when none are, every queued job
+        (nobody waits, and the rows then start decoding together). Returns
+        [(job, first tokens, hidden, logprobs)] for the jobs completed this round."""
         self.prefilled = bool(self.pending)
+        done = []
         while self.pending:
             job = self.pending[0]
             P = job.length
@@ -377,7 +379,7 @@ class Batch:
                     written = [c.keys for c in job.cache.layers.values()]
                     if not idle:
                         lazy.extend(written)  # evaluated with the round: bounds prefill memory
-                        return None
+                        return done
                     mx.eval(written)  # sync: nothing is running, bound prefill memory
                     continue
             # The last prompt token alone: its logits give the first token.
@@ -390,8 +392,10 @@ class Batch:
                    for g, r in enumerate(job.rows) if r.spec.logprobs is not None}
             lazy.extend([first, res.hidden] + [x for v in lps.values() for x in v])
             self.pending.popleft()
-            return job, first, res.hidden, lps
-        return None
+            done.append((job, first, res.hidden, lps))
+            if not idle:
+                return done
+        return done
 
     def _finish_prefill(self, job: _Prefill, first: mx.array, hidden: mx.array, lps: Dict[int, tuple]):
         firsts = first.tolist()
