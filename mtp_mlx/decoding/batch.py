@@ -286,7 +286,7 @@ class Batch:
                 n = mx.minimum(n, mx.array(kb, dtype=n.dtype))
                 nxt = mx.take_along_axis(choice, n[:, None], axis=1)[:, 0]
         else:
-            n, nxt = self._accept_sampled(chunk, drafts, q, res.logits, kb, P)
+            n, nxt = _select(rows, chunk, drafts, q, res.logits, kb, P)
         lps = self._logprobs(chunk, drafts, res.logits, n, nxt)
         hidden = mx.take_along_axis(res.hidden, n[:, None, None], axis=1)  # [B, 1, H]
         return kb, K, n, nxt, (drafts,), hidden, lps
@@ -343,10 +343,6 @@ class Batch:
             qs.append(_ungroup(groups, q_j)[:, None])
             seen = mx.concatenate([seen, token], axis=1)
         return seen[:, 1:], mx.concatenate(qs, axis=1)
-
-    def _accept_sampled(self, chunk, drafts, q, logits, kb, P):
-        """Each group of rows by its own rule, each row on its own k_b drafts."""
-        return _select(self.rows, chunk, drafts, q, logits, kb, P)
 
     def _logprobs(self, chunk, drafts, logits, n, nxt) -> Dict[int, tuple]:
         """Per row that asked for them: the target's log-probs of what each verify position
