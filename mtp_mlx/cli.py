@@ -152,6 +152,10 @@ def generate(
         "auto", "--attention-backend", help="Attention: auto (the Metal kernel where available), reference, metal."
     ),
     dtype: Optional[Dtype] = typer.Option(None, "--dtype", help="Cast floating-point weights to this type."),
+    pipeline: bool = typer.Option(False, "--pipeline", help="Split the target's layers across the ranks "
+                                  "started by mlx.launch (README: 'More than one Mac')."),
+    tensor_parallel: bool = typer.Option(False, "--tensor-parallel", help="Split every layer across the ranks "
+                                         "started by mlx.launch (needs a fast link: JACCL)."),
 ) -> None:
     """Generate text, streaming it to standard output; statistics go to standard error."""
     from . import api
@@ -166,6 +170,14 @@ def generate(
     if max_tokens < 1:
         raise MtpError(f"--max-tokens {max_tokens} is out of range: use a value >= 1")
     k = parse_num_draft(num_draft_tokens)
+    if pipeline or tensor_parallel:
+        from .distributed.cli import generate_distributed, parallel_mode
+
+        return generate_distributed(
+            parallel_mode(pipeline, tensor_parallel), model=model, drafter=drafter, prompt=prompt,
+            prompts_file=prompts_file, max_tokens=max_tokens, num_draft=k, no_drafter=no_drafter, sampling=sampling,
+            stop=stop, raw=raw, system_prompt=system_prompt, draft_position=draft_position,
+            attention=attention_backend, dtype=dtype.value if dtype else None)
     texts = _read_prompts_file(prompts_file) if prompts_file else [_read_prompt(prompt)]
     if model is None:
         demo = _demo_paths()

@@ -134,10 +134,16 @@ class LockstepEngine(DistributedEngine):
     def sync(self, new: Sequence[Request] = (), cancel: Sequence[int] = (), stop: bool = False):
         """Rank 0 passes the requests it accepted and the uids to cancel since its last call
         (other ranks pass nothing). Every rank submits and cancels the same ones. Returns
-        (uids of the new requests in order, whether rank 0 asked to stop)."""
+        (per new request in order its uid, or the ``MtpError`` that refused it, the same on every
+        rank; whether rank 0 asked to stop)."""
         msg = {"new": [request_to_dict(r) for r in new], "cancel": list(cancel), "stop": bool(stop)}
         msg = broadcast_json(msg, self.group)
-        uids = [self.submit(request_from_dict(d)) for d in msg["new"]]
+        uids = []
+        for d in msg["new"]:
+            try:  # a bad request (e.g. too long) is refused by the same checks on every rank
+                uids.append(self.submit(request_from_dict(d)))
+            except MtpError as err:
+                uids.append(err)
         for uid in msg["cancel"]:
             self.cancel(uid)
         return uids, msg["stop"]

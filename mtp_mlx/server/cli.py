@@ -44,6 +44,10 @@ def serve(
     ),
     dtype: Optional[Dtype] = typer.Option(None, "--dtype", help="Cast floating-point weights to this type."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level (debug, info, warning, error)."),
+    pipeline: bool = typer.Option(False, "--pipeline", help="Split the target's layers across the ranks "
+                                  "started by mlx.launch; rank 0 serves (README: 'More than one Mac')."),
+    tensor_parallel: bool = typer.Option(False, "--tensor-parallel", help="Split every layer across the ranks "
+                                         "started by mlx.launch; rank 0 serves (needs a fast link: JACCL)."),
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (chat, completions, models, health, metrics)."""
     from ..limits import DEFAULT_MAX_TOKENS, MAX_BATCH, MAX_DRAFT
@@ -58,6 +62,14 @@ def serve(
         raise MtpError(f"--num-draft-tokens {num_draft_tokens} is out of range: use 1..{MAX_DRAFT} (or --no-drafter)")
     if not 0 <= port <= 65535:
         raise MtpError(f"--port {port} is out of range: use 0..65535")
+    echo = typer.echo
+    mode = None
+    if pipeline or tensor_parallel:
+        from ..distributed.cli import join, parallel_mode, say
+
+        mode = parallel_mode(pipeline, tensor_parallel)
+        join(mode, "serve")
+        echo = lambda line, err: say(line)  # noqa: E731  (every rank runs this; rank 0 speaks)
     model_id = model
     if model is None:
         from ..cli import _demo_paths
@@ -67,10 +79,22 @@ def serve(
         if demo is None:
             raise MtpError("no --model given and this install has no bundled demo pair: pass --model and --drafter")
         model, drafter, model_id = str(demo[0]), str(demo[1]), DEMO_MODEL_ID
-        typer.echo(f"mtp-mlx: {DEMO_NOTICE}", err=True)
+        echo(f"mtp-mlx: {DEMO_NOTICE}", err=True)
     if drafter is None and not no_drafter:
-        typer.echo("mtp-mlx: no --drafter given: decoding with the target alone", err=True)
+        echo("mtp-mlx: no --drafter given: decoding with the target alone", err=True)
     use_drafter = drafter is not None and not no_drafter
+    from .app import ServerConfig, create_app
+
+    config = ServerConfig(model_id=model_id, max_batch=max_batch, max_queue=max_queue,
+                          num_draft=(num_draft_tokens or "auto") if use_drafter else 0,
+                          has_drafter=use_drafter, default_max_tokens=DEFAULT_MAX_TOKENS)
+    if mode is not None:
+        from ..distributed.cli import serve_distributed
+
+        return serve_distributed(mode, model=model, drafter=drafter if use_drafter else None, config=config,
+                                 host=host, port=port, prompt_cache_bytes=prompt_cache_bytes,
+                                 attention=attention_backend, dtype=dtype.value if dtype else None,
+                                 log_level=log_level)
 
     worker = build_worker(model, drafter if use_drafter else None, max_batch=max_batch,
                           prompt_cache_bytes=prompt_cache_bytes, attention=attention_backend,
@@ -80,11 +104,6 @@ def serve(
     worker.wait_ready()
     for line in worker.notices:
         typer.echo(f"mtp-mlx: {line}", err=True)
-    from .app import ServerConfig, create_app
-
-    config = ServerConfig(model_id=model_id, max_batch=max_batch, max_queue=max_queue,
-                          num_draft=(num_draft_tokens or "auto") if use_drafter else 0,
-                          has_drafter=use_drafter, default_max_tokens=DEFAULT_MAX_TOKENS)
     try:
         run(create_app(worker, config), host=host, port=port, log_level=log_level)
     finally:

@@ -59,7 +59,12 @@ class EngineWorker:
         load: builds the pair (``mtp_mlx.load(...)``); called on the engine thread.
         make_engine: ``pair -> Engine``; called on the engine thread, and again to start afresh
             after an engine fault (the faulted requests get an error, the server lives on).
+
+    A split model's server (``mtp_mlx.distributed.cli.LockstepWorker``) overrides ``_apply``,
+    ``_fault`` and ``idle_poll`` to hand every round's commands to the other ranks.
     """
+
+    idle_poll: Optional[float] = None  # seconds an idle loop waits for a command (None: until one comes)
 
     def __init__(self, load: Callable[[], Any], make_engine: Callable[[Any], Any]):
         self._load, self._make_engine = load, make_engine
@@ -121,25 +126,20 @@ class EngineWorker:
             idle = engine.running == 0 and engine.queued == 0
             commands = []
             try:
-                # Nothing to decode: sleep until a command arrives instead of spinning.
-                commands.append(self._commands.get() if idle else self._commands.get_nowait())
+                # Nothing to decode: sleep until a command arrives (or idle_poll passes) instead of spinning.
+                commands.append(self._commands.get(timeout=self.idle_poll) if idle else self._commands.get_nowait())
                 while True:
                     commands.append(self._commands.get_nowait())
             except queue.Empty:
                 pass
-            for cmd in commands:
-                if cmd is _STOP:
-                    self._fail_all(RuntimeError("the server is shutting down"))
-                    return
-                self._command(engine, *cmd)
+            if not self._apply(engine, commands):
+                return
             try:
                 events = engine.step()
             except Exception as err:
-                log.error("engine fault; failing %d request(s) and starting afresh\n%s", len(self._jobs),
-                          traceback.format_exc())
-                self.faults += 1
-                self._fail_all(err)
-                engine = self._make_engine(self.pair)
+                engine = self._fault(engine, err)
+                if engine is None:
+                    return
                 events = []
             for ev in events:
                 job = self._jobs.get(ev.uid)
@@ -149,6 +149,23 @@ class EngineWorker:
                     del self._jobs[ev.uid]
                 job.post(ev)
             self._publish(engine)
+
+    def _apply(self, engine, commands: list) -> bool:
+        """Hand the commands to the engine; False ends the loop (the server is stopping)."""
+        for cmd in commands:
+            if cmd is _STOP:
+                self._fail_all(RuntimeError("the server is shutting down"))
+                return False
+            self._command(engine, *cmd)
+        return True
+
+    def _fault(self, engine, err: BaseException):
+        """``engine.step`` raised: fail its requests and return the engine to go on with (None ends the loop)."""
+        log.error("engine fault; failing %d request(s) and starting afresh\n%s", len(self._jobs),
+                  traceback.format_exc())
+        self.faults += 1
+        self._fail_all(err)
+        return self._make_engine(self.pair)
 
     def _command(self, engine, kind: str, job: Job) -> None:
         if kind == "submit":
