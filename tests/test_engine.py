@@ -20,7 +20,7 @@ class ScriptedDrafter:
         self.ref, self.vocab = reference, vocab
         self.q, self.j = None, 0
 
-    def __call__(self, emb, hidden, kv, q_pos, masks, attn_backend="auto"):
+    def __call__(self, emb, hidden, kv, q_pos, masks, attn_backend="auto", fused_ops=True):
         q = q_pos.item()  # test-only host sync
         self.j = 0 if q != self.q else self.j + 1
         self.q = q

@@ -131,8 +131,9 @@ class Batch:
     """Rows decoded together; see the module docstring."""
 
     def __init__(self, target, drafter=None, *, position: str = "B", attention: str = "auto",
-                 prefill_group: int = MAX_BATCH):
+                 prefill_group: int = MAX_BATCH, fused_ops: bool = True):
         self.target = target
+        self.fused_ops = fused_ops  # compiled layer pieces (bit-identical; see models.layers.fused)
         self.prefill_group = prefill_group  # most rows prefilled together
         self.drafter = drafter
         self.position = position
@@ -275,7 +276,7 @@ class Batch:
         greedy = all(r.cfg.greedy for r in rows)
         # 2. Verify [bonus, d_1..d_K] of every row in one target forward.
         chunk = mx.concatenate([bonus, drafts], axis=1)
-        res = self.target(chunk, self.cache, attn_backend=self.attention)
+        res = self.target(chunk, self.cache, attn_backend=self.attention, fused_ops=self.fused_ops)
         # 3. Accept each row's agreeing prefix (at most its own k_b) plus one target token.
         if greedy:
             logits = res.logits
@@ -309,7 +310,8 @@ class Batch:
         ctx = draft_context(self.cache, self.window, self.position)
         token, hidden, out = self.bonus, self.hidden, []
         for _ in range(K):
-            hd, hidden = self.drafter(self.target.embed(token), hidden, ctx.kv, ctx.q_pos, ctx.masks, self.attention)
+            hd, hidden = self.drafter(self.target.embed(token), hidden, ctx.kv, ctx.q_pos, ctx.masks, self.attention,
+                                         fused_ops=self.fused_ops)
             token = self.drafter.argmax(hd)  # [B, 1]
             out.append(token)
         return mx.concatenate(out, axis=1).astype(mx.int32)
@@ -324,7 +326,8 @@ class Batch:
         token, hidden, seen = self.bonus, self.hidden, self.bonus  # seen [B, j+1]
         qs = []
         for j in range(K):
-            hd, hidden = self.drafter(self.target.embed(token), hidden, ctx.kv, ctx.q_pos, ctx.masks, self.attention)
+            hd, hidden = self.drafter(self.target.embed(token), hidden, ctx.kv, ctx.q_pos, ctx.masks, self.attention,
+                                         fused_ops=self.fused_ops)
             full = self.drafter.logits(hd)[:, 0]  # [B, V]
             picks, q_j = [], []
             for idx, rows in groups:
@@ -369,7 +372,7 @@ class Batch:
             if job.done < P - 1:
                 e = min(job.done + PREFILL_STEP, P - 1)
                 self.target(job.ids[:, job.done : e], job.cache, logits_from=e - job.done - 1,
-                            attn_backend=self.attention)
+                            attn_backend=self.attention, fused_ops=self.fused_ops)
                 job.done = e
                 if job.done < P - 1:
                     written = [c.keys for c in job.cache.layers.values()]
@@ -379,7 +382,8 @@ class Batch:
                     mx.eval(written)  # sync: nothing is running, bound prefill memory
                     continue
             # The last prompt token alone: its logits give the first token.
-            res = self.target(job.ids[:, P - 1 :], job.cache, attn_backend=self.attention)
+            res = self.target(job.ids[:, P - 1 :], job.cache, attn_backend=self.attention,
+                              fused_ops=self.fused_ops)
             job.done = P
             G = len(job.rows)
             _, first = _select(job.rows, job.ids[:, P - 1 :], mx.zeros((G, 0), mx.int32), mx.zeros((G, 0, 1)),

@@ -164,9 +164,11 @@ class Engine:
         prefix_cache_bytes: int = 0,
         policy=None,
         exactness_forward=None,
+        fused_ops: bool = True,
     ):
         """``exactness_forward``: a forward to run the load-time exactness check with instead
-        of the target's (tests inject one whose wide path rounds differently)."""
+        of the target's (tests inject one whose wide path rounds differently). ``fused_ops``:
+        run the layers' elementwise tails compiled (``models.layers.fused``; same tokens)."""
         if not 1 <= max_batch <= MAX_BATCH:
             raise MtpError(f"max_batch {max_batch} is out of range: use 1..{MAX_BATCH}")
         if position not in ("A", "B"):
@@ -188,7 +190,7 @@ class Engine:
             self.greedy_exact, line = exactness(self.target, attention, exactness_forward)
             if not self.greedy_exact:
                 self.notices.append(line)
-        self.batch = Batch(self.target, self.drafter, position=position, attention=attention)
+        self.batch = Batch(self.target, self.drafter, position=position, attention=attention, fused_ops=fused_ops)
         eos = set(getattr(pair.target_config, "eos_token_id", None) or ())
         eos |= set(getattr(self.tokenizer, "eos_token_ids", None) or ())
         self.eos = frozenset(eos)

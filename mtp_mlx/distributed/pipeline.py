@@ -130,7 +130,10 @@ class PipelineTarget:
         cfg = self.model.cfg
         return (B, cfg.layer_kv_heads(i), L, cfg.layer_head_dim(i))
 
-    def __call__(self, ids: mx.array, cache: TargetCache, logits_from: Optional[int] = None, *args, **kwargs):
+    def __call__(self, ids: mx.array, cache: TargetCache, logits_from: Optional[int] = None,
+                 attn_backend: str = "auto", fused_ops: bool = False):
+        """The target's forward, this rank's stage of it (``fused_ops`` is accepted for the
+        target's call contract; the stages run uncompiled)."""
         from ..models.gemma4_text import TargetOut
         from ..ops.attention import visibility_mask
 
@@ -174,7 +177,7 @@ class PipelineTarget:
             if t not in masks:
                 masks[t] = visibility_mask(q_pos, kv.pos, attn.window)
             h = layer(h, offsets, m._periods[t], q_pos, kv, masks[t],
-                      None if ple is None else ple[:, :, i - self.first], *args, **kwargs)
+                      None if ple is None else ple[:, :, i - self.first], attn_backend)
         L_out = L - logits_from if logits_from else L
         if self.is_last:
             if logits_from:

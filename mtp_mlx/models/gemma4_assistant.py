@@ -20,7 +20,7 @@ from ..cache import KVView
 from ..ops import attention
 from ..ops.attention import visibility_mask
 from .config import DrafterConfig
-from .layers import MLP, RMSNorm, apply_rope, rope_inv_freq, rope_periods
+from .layers import MLP, RMSNorm, apply_rope, fused, rope_inv_freq, rope_periods
 
 
 @dataclass
@@ -44,10 +44,14 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
         self.o_proj = nn.Linear(self.n_heads * hd, H, bias=False)
 
-    def __call__(self, x, offsets, periods, kv: KVView, mask: DraftMask, dense_mask, attn_backend="auto"):
+    def project_q(self, x, offsets, periods):
         B, L, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim))
-        q = apply_rope(q.transpose(0, 2, 1, 3), offsets, periods)
+        return apply_rope(q.transpose(0, 2, 1, 3), offsets, periods)
+
+    def __call__(self, x, offsets, periods, kv: KVView, mask: DraftMask, dense_mask, attn_backend="auto"):
+        B, L, _ = x.shape
+        q = self.project_q(x, offsets, periods)
         o = attention(
             q, kv.keys, kv.values, q_pos=mask.q, k_pos=kv.pos, window=mask.window,
             scale=1.0, backend=attn_backend, mask=dense_mask,
@@ -69,9 +73,20 @@ class DecoderLayer(nn.Module):
         self.layer_scalar = mx.ones((1,))
 
     def __call__(self, x, offsets, periods, kv, mask, dense_mask, attn_backend="auto"):
-        x = x + self.post_attention_layernorm(
-            self.self_attn(self.input_layernorm(x), offsets, periods, kv, mask, dense_mask, attn_backend)
-        )
+        a = self.self_attn(self.input_layernorm(x), offsets, periods, kv, mask, dense_mask, attn_backend)
+        return self.after_attention(x, a)
+
+    # The same layer in two pure pieces around the attention, compiled by the model
+    # (``layers.fused``).
+    def begin(self, x, offsets, periods):
+        return self.self_attn.project_q(self.input_layernorm(x), offsets, periods)
+
+    def finish(self, x, o):
+        return self.after_attention(x, self.self_attn.o_proj(o))
+
+    def after_attention(self, x, a):
+        """Everything after the attention output ``a`` (residuals, norms, MLP, scalar)."""
+        x = x + self.post_attention_layernorm(a)
         x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         return x * self.layer_scalar.astype(x.dtype)
 
@@ -132,22 +147,37 @@ class Model(nn.Module):
         q_pos: mx.array,
         masks: Dict[str, DraftMask],
         attn_backend: str = "auto",
+        fused_ops: bool = True,
     ) -> Tuple[mx.array, mx.array]:
         """One draft step.
 
         emb: scaled target embedding of the token to feed [B, 1, H_t]; hidden: target hidden
         (or the fed-back projection) [B, 1, H_t]; q_pos: RoPE position [B, 1].
         Returns (head hidden [B, 1, H_d] after the final norm, next hidden [B, 1, H_t]).
+        ``fused_ops``: run each layer's part after attention compiled (bit-identical).
         """
-        x = self.pre_projection(mx.concatenate([emb, hidden], axis=-1))
+        x = (fused(self, "start") if fused_ops else self.start)(emb, hidden)
         offsets = q_pos[:, 0]
         dense = {
             t: m.dense if m.dense is not None else visibility_mask(m.q, kv[t].pos, m.window)
             for t, m in masks.items() if t in kv
         }
+        B, L, _ = x.shape
         for layer in self.model.layers:
             t = layer.layer_type
-            x = layer(x, offsets, self._periods[t], kv[t], masks[t], dense[t], attn_backend)
+            if not fused_ops:
+                x = layer(x, offsets, self._periods[t], kv[t], masks[t], dense[t], attn_backend)
+                continue
+            q = fused(layer, "begin")(x, offsets, self._periods[t])
+            o = attention(q, kv[t].keys, kv[t].values, q_pos=masks[t].q, k_pos=kv[t].pos, window=masks[t].window,
+                          scale=1.0, backend=attn_backend, mask=dense[t])
+            x = fused(layer, "finish")(x, o.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return (fused(self, "end") if fused_ops else self.end)(x)
+
+    def start(self, emb: mx.array, hidden: mx.array) -> mx.array:
+        return self.pre_projection(mx.concatenate([emb, hidden], axis=-1))
+
+    def end(self, x: mx.array) -> Tuple[mx.array, mx.array]:
         hd = self.model.norm(x)
         return hd, self.post_projection(hd)
 

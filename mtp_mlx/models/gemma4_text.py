@@ -22,7 +22,7 @@ from ..limits import MAX_DRAFT
 from ..ops import attention
 from ..ops.attention import visibility_mask
 from .config import TextConfig
-from .layers import MLP, RMSNorm, apply_rope, rope_inv_freq, rope_periods, scaled_embed_factor, softcap
+from .layers import FUSED_MAX_LEN, MLP, RMSNorm, apply_rope, fused, rope_inv_freq, rope_periods, scaled_embed_factor, softcap
 
 # Checkpoint keys that belong to other modalities: never read (a CondGen checkpoint holds vision and audio towers).
 _NON_TEXT = ("vision_tower", "audio_tower", "embed_vision", "embed_audio", "vision_embedder",
@@ -114,10 +114,15 @@ class Attention(nn.Module):
         v = mx.fast.rms_norm(v, None, self.eps)
         return k, v.transpose(0, 2, 1, 3)
 
-    def __call__(self, x, offsets, periods, q_pos, kv: KVView, mask, attn_backend: str = "auto"):
+    def project_q(self, x: mx.array, offsets, periods) -> mx.array:
+        """Q (normed, RoPE'd) as [B, nH, L, D]."""
         B, L, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim))
-        q = apply_rope(q.transpose(0, 2, 1, 3), offsets, periods)
+        return apply_rope(q.transpose(0, 2, 1, 3), offsets, periods)
+
+    def __call__(self, x, offsets, periods, q_pos, kv: KVView, mask, attn_backend: str = "auto"):
+        B, L, _ = x.shape
+        q = self.project_q(x, offsets, periods)
         o = attention(
             q, kv.keys, kv.values, q_pos=q_pos, k_pos=kv.pos, window=self.window,
             scale=1.0, backend=attn_backend, mask=mask,
@@ -151,9 +156,27 @@ class DecoderLayer(nn.Module):
         self.layer_scalar = mx.ones((1,))
 
     def __call__(self, h, offsets, periods, q_pos, kv, mask, ple_i=None, attn_backend="auto"):
-        h = h + self.post_attention_layernorm(
-            self.self_attn(self.input_layernorm(h), offsets, periods, q_pos, kv, mask, attn_backend)
-        )
+        a = self.self_attn(self.input_layernorm(h), offsets, periods, q_pos, kv, mask, attn_backend)
+        return self.after_attention(h, a, ple_i)
+
+    # The same layer in two pure pieces around the attention itself, which the model compiles
+    # (``layers.fused``) for decode and verify chunks; ``begin`` also normalises the input once
+    # for Q, K and V.
+    def begin(self, h, offsets, periods):
+        """(Q,) or (Q, K, V) of this layer's attention for the residual stream ``h``."""
+        attn = self.self_attn
+        x = self.input_layernorm(h)
+        q = attn.project_q(x, offsets, periods)
+        return (q, *attn.project_kv(x, offsets, periods)) if attn.owns_kv else (q,)
+
+    def finish(self, h, o, ple_i=None):
+        """The rest of the layer from the attention's per-head output ``o`` [B, L, nH * D]."""
+        return self.after_attention(h, self.self_attn.o_proj(o), ple_i)
+
+    def after_attention(self, h, a, ple_i=None):
+        """Everything after the attention output ``a``: residuals, norms, the MLP (and the
+        experts), the per-layer input and the layer scalar."""
+        h = h + self.post_attention_layernorm(a)
         r = h
         y = self.mlp(self.pre_feedforward_layernorm(h))
         if self.moe:
@@ -218,36 +241,59 @@ class Model(nn.Module):
         cache: TargetCache,
         logits_from: Optional[int] = None,
         attn_backend: str = "auto",
+        fused_ops: bool = True,
     ) -> TargetOut:
         """Run L tokens per row at positions offsets[b] .. offsets[b]+L-1, updating the cache.
 
         ``logits_from``: compute logits and hidden only from this index on (prefill needs only
-        the last position); default all positions.
+        the last position); default all positions. ``fused_ops``: run each layer's part after
+        attention compiled on decode and verify chunks (``layers.fused``; bit-identical; off
+        for a tensor-parallel model, whose layers hold collectives).
         """
         cfg = self.cfg
         B, L = ids.shape
+        fused_ops = fused_ops and L <= FUSED_MAX_LEN and getattr(getattr(self, "tp_plan", None), "size", 1) == 1
         offsets = mx.array(cache.offsets or [0] * B, dtype=mx.int32)
         q_pos = offsets[:, None] + mx.arange(L, dtype=mx.int32)
-        h = self.embed(ids)
-        ple = self._per_layer_inputs(ids, h) if cfg.hidden_size_per_layer_input else None
+        h, *ple = (fused(self, "inputs") if fused_ops else self.inputs)(ids)
+        ple = ple[0] if ple else None
         views: Dict[int, KVView] = {}
         masks: Dict[str, mx.array] = {}  # one visibility mask per layer type and forward
         for i, layer in enumerate(self.layers):
             t = layer.layer_type
             attn = layer.self_attn
+            ple_i = None if ple is None else ple[:, :, i]
+            if fused_ops:
+                qkv = fused(layer, "begin")(h, offsets, self._periods[t])
             if attn.owns_kv:
-                k, v = attn.project_kv(layer.input_layernorm(h), offsets, self._periods[t])
+                k, v = qkv[1:] if fused_ops else attn.project_kv(layer.input_layernorm(h), offsets, self._periods[t])
                 views[i] = cache.layers[i].update(k, v, q_pos)
             kv = views[cfg.kv_source(i)]
             if t not in masks:
                 masks[t] = visibility_mask(q_pos, kv.pos, attn.window)
-            h = layer(h, offsets, self._periods[t], q_pos, kv, masks[t],
-                      None if ple is None else ple[:, :, i], attn_backend)
+            if not fused_ops:
+                h = layer(h, offsets, self._periods[t], q_pos, kv, masks[t], ple_i, attn_backend)
+                continue
+            o = attention(qkv[0], kv.keys, kv.values, q_pos=q_pos, k_pos=kv.pos, window=attn.window,
+                          scale=1.0, backend=attn_backend, mask=masks[t])
+            o = o.transpose(0, 2, 1, 3).reshape(B, L, -1)
+            finish = fused(layer, "finish")
+            h = finish(h, o) if ple_i is None else finish(h, o, ple_i)
         if logits_from:
             h = h[:, logits_from:]
-        hidden = self.norm(h)
+        logits, hidden = (fused(self, "outputs") if fused_ops else self.outputs)(h)
         shared = {t: views[p] for t, p in cache.producers.items()}
-        return TargetOut(self.head(hidden), hidden, shared)
+        return TargetOut(logits, hidden, shared)
+
+    def inputs(self, ids: mx.array):
+        """(scaled embeddings,) or (scaled embeddings, per-layer inputs) of ``ids``."""
+        h = self.embed(ids)
+        return (h, self._per_layer_inputs(ids, h)) if self.cfg.hidden_size_per_layer_input else (h,)
+
+    def outputs(self, h: mx.array):
+        """(logits, final-normed hidden) from the last layer's output."""
+        hidden = self.norm(h)
+        return self.head(hidden), hidden
 
     # ---- weights ------------------------------------------------------------------------
     def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:

@@ -1,6 +1,7 @@
 """Building blocks shared by the Gemma 4 target and its MTP drafter."""
 
 import math
+from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -70,3 +71,26 @@ def softcap(x: mx.array, cap) -> mx.array:
     if not cap:
         return x
     return mx.tanh(x / cap) * cap
+
+
+FUSED_MAX_LEN = 9
+"""Longest chunk (tokens per row) that runs a layer's compiled pieces: one decode token or a
+verify chunk of up to MAX_DRAFT + 1. Longer chunks (prefill) run uncompiled, so that every new
+prompt length does not trace the layers again."""
+
+
+def fused(module, name: str) -> Callable:
+    """``module.<name>``, compiled with ``mx.compile`` once per module instance.
+
+    On small chunks a layer costs the number of operations it launches, not their size; the
+    compiled function runs each chain of elementwise operations (the RMSNorm fallbacks, the
+    GELU, residual adds, scalars) as one kernel and skips rebuilding the graph in Python.
+    Every operation keeps its dtype, so the result is bit-identical to the uncompiled method
+    (tested). The module's parameters are inputs of the compiled function, not constants, so
+    weights updated after the first call (quantization, loading) are read afresh.
+    """
+    table = module.__dict__.setdefault("_fused", {})
+    fn = table.get(name)
+    if fn is None:
+        fn = table[name] = mx.compile(getattr(module, name), inputs=module)
+    return fn
