@@ -266,6 +266,10 @@ class Batch:
             drafts = self._draft_greedy(K)
         else:
             drafts, q = self._draft_sampled(K, kb, P)
+        if K:
+            # Start the drafter's steps now: the device runs them while the host builds the
+            # verify graph (no sync; the round's one sync comes after the verify).
+            mx.async_eval(drafts)
         out = self._verify(self.bonus, drafts, q, kb, P)
         lazy.extend(out[2:4] + (out[5],) + out[4] + tuple(x for v in out[6].values() for x in v))
         return out
