@@ -10,12 +10,21 @@ would (its warm-up run is where it first measures). Prints a table and JSON. Not
 nothing here asserts a speed.
 
     python scripts/bench.py [--pair TARGET:DRAFTER ...] [--batch 1 4] [--cases plain auto 1 2 3]
+
+Peers mode (``--peers``): for each pair, run ``scripts/bench_peers.py`` instead: ours (plain and
+speculative at the first fixed K of ``--cases``, default 3), mlx-lm's plain decoding and
+mlx-vlm's MTP decoding on the same checkpoint files and prompt ids, alternating processes
+(``--runs`` rounds), and print the ratios (batch 1; the peers' loops decode one sequence).
+
+    python scripts/bench.py --peers [--peers-python /path/to/venv/bin/python] --pair T:D
 """
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
@@ -78,6 +87,35 @@ def _mlx_lm_plain(path, ids, max_tokens):
     return run
 
 
+def _peers(args) -> int:
+    """Run bench_peers.py per pair (each in its own processes) and print every pair's ratios."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_peers.py")
+    k = next((c for c in args.cases if c.isdigit() and int(c) > 0), "3")
+    ratios, rc = {}, 0
+    for spec in args.pair or [_demo_pair()]:
+        target, drafter = spec.rsplit(":", 1)
+        cmd = [sys.executable, script, "--model", target, "--drafter", drafter, "--num-draft", k,
+               "--max-tokens", str(args.max_tokens), "--rounds", str(args.runs), "--warmup", str(args.warmup)]
+        if args.peers_python:
+            cmd += ["--peers-python", args.peers_python]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode:
+            print(f"{spec}: bench_peers failed: {out.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+            rc = 1
+            continue
+        report = json.loads(out.stdout.strip().splitlines()[-1])
+        ratios[spec] = report
+        print(f"{spec} (K={k}, {args.max_tokens} tokens, {args.runs} rounds)")
+        for label, value in report["ratios"].items():
+            print(f"  {label:<34} {value:.3f}x")
+        for case, err in report["failed"].items():
+            print(f"  {case}: could not run ({err[:120]})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(ratios, f, indent=2)
+    return rc
+
+
 def _median(runs):
     out = {}
     for k, v in runs[0].items():
@@ -100,7 +138,13 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--mlx-lm", action="store_true", help="also time mlx-lm's plain decoding (batch 1)")
     ap.add_argument("--json", default=None, help="write results here (default: stdout only)")
+    ap.add_argument("--peers", action="store_true",
+                    help="compare with mlx-vlm (MTP) and mlx-lm (plain) on each pair via scripts/bench_peers.py")
+    ap.add_argument("--peers-python", default=None,
+                    help="the python of a separate venv holding mlx-vlm and mlx-lm (bench_peers.py's default otherwise)")
     args = ap.parse_args(argv)
+    if args.peers:
+        return _peers(args)
 
     pairs = {}
     for spec in args.pair or [_demo_pair()]:
@@ -167,4 +211,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
