@@ -26,9 +26,9 @@ TIMEOUT = 420  # seconds per two-rank run (about 50-75 s on a 2-core CPU; far mo
 # accepted), 31B-like dense (K/V heads that split) and 26B-A4B-like MoE.
 # moe-mlx-4bit: quantized; its 64-wide experts are one quantization group, so they stay whole.
 # tiny-e2b: in memory, 2 KV heads (E4B-like): split K/V next to KV-shared layers, window 8.
-# Pipeline parallel does not look inside layers: the e2b shape (K/V mirrored across stages) is
-# the one that matters there.
-KINDS = {"tensor": ["agree", "dense", "moe", "moe-mlx-4bit", "tiny-e2b"], "pipeline": ["agree"]}
+# Pipeline parallel does not look inside layers; the e2b shape (K/V mirrored across stages) is
+# the one that matters most there, and the 31B and 26B-A4B kinds run through it too.
+KINDS = {"tensor": ["agree", "dense", "moe", "moe-mlx-4bit", "tiny-e2b"], "pipeline": ["agree", "dense", "moe"]}
 FULL = "agree"  # also sampled, batched, adaptive-K and unseeded requests
 
 
