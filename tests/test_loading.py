@@ -1,5 +1,6 @@
 """mtp_mlx.loading: hub resolution, safetensors checks, role/pair checks, loading every layout."""
 
+import gc
 import fnmatch
 import json
 import shutil
@@ -169,6 +170,7 @@ def test_unread_tensors_are_never_materialised(tmp_path):
     small = {"model.language_model.norm.weight": mx.ones((64,))}
     _write(tmp_path, {"model.vision_tower.big.weight": big, **small})
     del big
+    gc.collect()  # earlier tests' garbage (models, caches) must not be freed or evaluated in the window measured
     mx.clear_cache()
     mx.reset_peak_memory()
     got = weights.read_weights(tmp_path, keep=is_text_weight)

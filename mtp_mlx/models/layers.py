@@ -94,3 +94,19 @@ def fused(module, name: str) -> Callable:
     if fn is None:
         fn = table[name] = mx.compile(getattr(module, name), inputs=module)
     return fn
+
+
+def release_fused(*models) -> None:
+    """Drop the compiled pieces of ``models`` (and of every module inside them); the next call
+    compiles afresh.
+
+    A thread that ran the models calls this before it ends (the server's engine thread does):
+    MLX aborts at interpreter exit ("terminate called without an active exception") when a
+    compiled function traced on a thread that has ended is destroyed then.
+    """
+    for model in models:
+        if isinstance(model, nn.Module):
+            for m in model.modules():
+                m.__dict__.pop("_fused", None)
+        elif model is not None:  # a wrapper around a model (a pipeline stage)
+            release_fused(getattr(model, "model", None), getattr(model, "drafter", None))

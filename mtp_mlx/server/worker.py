@@ -113,6 +113,15 @@ class EngineWorker:
     # ---- the engine thread -----------------------------------------------------------------------
     def _main(self) -> None:
         try:
+            self._loop()
+        finally:
+            if self.pair is not None:  # before this thread ends (see models.layers.release_fused)
+                from ..models.layers import release_fused
+
+                release_fused(self.pair.target, self.pair.drafter)
+
+    def _loop(self) -> None:
+        try:
             self.pair = self._load()
             engine = self._make_engine(self.pair)
         except BaseException as err:  # reported by wait_ready / health, not swallowed
