@@ -199,6 +199,7 @@ class DraftPolicy:
         self.guard_backoff_max = guard_backoff_max
 
         self._costs: Dict[int, Dict[int, _Cost]] = {}
+        self._measured_memo: Dict[int, Dict[int, float]] = {}  # _measured per bucket until a cost changes
         self._prior_hits = [0.0] * max_draft
         self._prior_trials = [0.0] * max_draft
         self._prior_seen = [0] * max_draft  # undecayed samples per position (frontier)
@@ -253,7 +254,14 @@ class DraftPolicy:
     # ---- cost -------------------------------------------------------------------------------
     def _measured(self, bucket: int) -> Dict[int, float]:
         """Measured costs of the bucket, made non-decreasing in K (a round with more drafts does
-        more work; noise must not make K+1 look cheaper than K): weighted pool-adjacent-violators."""
+        more work; noise must not make K+1 look cheaper than K): weighted pool-adjacent-violators.
+        Memoised per bucket until one of its costs changes (plan() asks for it many times)."""
+        memo = self._measured_memo.get(bucket)
+        if memo is None:
+            memo = self._measured_memo[bucket] = self._pav(bucket)
+        return memo
+
+    def _pav(self, bucket: int) -> Dict[int, float]:
         pts = sorted((k, c.estimate, min(c.samples, 10)) for k, c in self._costs.get(bucket, {}).items() if c.samples)
         blocks: List[List[float]] = []  # [value, weight, number of points]
         for _, est, w in pts:
@@ -305,6 +313,7 @@ class DraftPolicy:
         return None
 
     def _record_cost(self, bucket: int, k: int, seconds: float) -> None:
+        self._measured_memo.pop(bucket, None)
         c = self._costs.setdefault(bucket, {}).setdefault(k, _Cost())
         c.seen += 1
         if c.seen == 1 and c.samples == 0:
@@ -372,7 +381,8 @@ class DraftPolicy:
                 self._reason = f"probe at K={max(probe.values())} (every {state.probe_interval} rounds; choice K={depth})"
                 return probe
         self._planned_parked = depth == 0
-        self._reason = self._explain(choice, ch, bucket, guarded, state)
+        # Worded only when asked for (summary): formatting every round costs a parked row's time.
+        self._reason = lambda: self._explain(choice, ch, bucket, guarded, state)
         return choice
 
     def _choose(self, uids: List[int], caps: Dict[int, int], fixed: Dict[int, int], bucket: int) -> Optional[_Choice]:
@@ -534,7 +544,7 @@ class DraftPolicy:
             "parked_fraction": self._parked_rounds / rounds if rounds else 0.0,
             "probes": self._probes,
             "guard_trips": self._guard_trips,
-            "reason": self._reason,
+            "reason": self._reason() if callable(self._reason) else self._reason,
         }
 
     def state(self) -> dict:
@@ -557,5 +567,6 @@ class DraftPolicy:
             for k, (estimate, samples) in ks.items():
                 if int(k) <= self.max_draft and estimate > 0:
                     self._costs.setdefault(int(b), {})[int(k)] = _Cost(float(estimate), int(samples), 0)
+        self._measured_memo.clear()
         for j, (h, t, n) in enumerate(prior.get("acceptance", [])[: self.max_draft]):
             self._prior_hits[j], self._prior_trials[j], self._prior_seen[j] = float(h), float(t), int(n)
