@@ -12,7 +12,7 @@ nothing here asserts a speed.
     python scripts/bench.py [--pair TARGET:DRAFTER ...] [--batch 1 4] [--cases plain auto 1 2 3]
 
 Peers mode (``--peers``): for each pair, run ``scripts/bench_peers.py`` instead: ours (plain and
-speculative at the first fixed K of ``--cases``, default 3), mlx-lm's plain decoding and
+speculative at K = 3, or the first fixed K of ``--cases`` when given), mlx-lm's plain decoding and
 mlx-vlm's MTP decoding on the same checkpoint files and prompt ids, alternating processes
 (``--runs`` rounds), and print the ratios (batch 1; the peers' loops decode one sequence).
 
@@ -40,6 +40,9 @@ PROMPTS = [
     "class LinkedList:\n    def __init__(self):\n",
     "def binary_search(items, target):\n    lo, hi = 0, len(items)\n",
 ]
+
+
+DEFAULT_CASES = ["plain", "auto", "1", "2", "3", "4", "5", "6"]
 
 
 def _demo_pair() -> str:
@@ -90,7 +93,7 @@ def _mlx_lm_plain(path, ids, max_tokens):
 def _peers(args) -> int:
     """Run bench_peers.py per pair (each in its own processes) and print every pair's ratios."""
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_peers.py")
-    k = next((c for c in args.cases if c.isdigit() and int(c) > 0), "3")
+    k = "3" if args.cases == DEFAULT_CASES else next((c for c in args.cases if c.isdigit() and int(c) > 0), "3")
     ratios, rc = {}, 0
     for spec in args.pair or [_demo_pair()]:
         target, drafter = spec.rsplit(":", 1)
@@ -131,7 +134,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pair", action="append", help="TARGET:DRAFTER (repeatable; default: the bundled demo pair)")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
-    ap.add_argument("--cases", nargs="+", default=["plain", "auto", "1", "2", "3", "4", "5", "6"])
+    ap.add_argument("--cases", nargs="+", default=DEFAULT_CASES)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--prompt-ids", default=None, help="JSON file: a list of token-id prompts (instead of PROMPTS)")
     ap.add_argument("--runs", type=int, default=3)
