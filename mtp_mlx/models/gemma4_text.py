@@ -246,9 +246,10 @@ class Model(nn.Module):
         """Run L tokens per row at positions offsets[b] .. offsets[b]+L-1, updating the cache.
 
         ``logits_from``: compute logits and hidden only from this index on (prefill needs only
-        the last position); default all positions. ``fused_ops``: run each layer's part after
-        attention compiled on decode and verify chunks (``layers.fused``; bit-identical; off
-        for a tensor-parallel model, whose layers hold collectives).
+        the last position); default all positions. ``fused_ops``: on decode and verify chunks,
+        run the embedding, each layer's two pieces around its attention (``begin``,
+        ``finish``) and the head compiled (``layers.fused``; bit-identical; off for a
+        tensor-parallel model, whose layers hold collectives).
         """
         cfg = self.cfg
         B, L = ids.shape
