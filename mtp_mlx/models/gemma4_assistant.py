@@ -49,14 +49,6 @@ class Attention(nn.Module):
         q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim))
         return apply_rope(q.transpose(0, 2, 1, 3), offsets, periods)
 
-    def __call__(self, x, offsets, periods, kv: KVView, mask: DraftMask, dense_mask, attn_backend="auto"):
-        B, L, _ = x.shape
-        q = self.project_q(x, offsets, periods)
-        o = attention(
-            q, kv.keys, kv.values, q_pos=mask.q, k_pos=kv.pos, window=mask.window,
-            scale=1.0, backend=attn_backend, mask=dense_mask,
-        )
-        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
 class DecoderLayer(nn.Module):
@@ -72,21 +64,15 @@ class DecoderLayer(nn.Module):
         self.post_feedforward_layernorm = RMSNorm(H, cfg.rms_norm_eps)
         self.layer_scalar = mx.ones((1,))
 
-    def __call__(self, x, offsets, periods, kv, mask, dense_mask, attn_backend="auto"):
-        a = self.self_attn(self.input_layernorm(x), offsets, periods, kv, mask, dense_mask, attn_backend)
-        return self.after_attention(x, a)
-
-    # The same layer in two pure pieces around the attention, compiled by the model
-    # (``layers.fused``).
+    # The layer as two pure pieces around its attention (which reads the target's K/V), so
+    # the model can run them compiled (``layers.fused``).
     def begin(self, x, offsets, periods):
+        """Q of this layer's attention for the residual stream ``x``."""
         return self.self_attn.project_q(self.input_layernorm(x), offsets, periods)
 
     def finish(self, x, o):
-        return self.after_attention(x, self.self_attn.o_proj(o))
-
-    def after_attention(self, x, a):
-        """Everything after the attention output ``a`` (residuals, norms, MLP, scalar)."""
-        x = x + self.post_attention_layernorm(a)
+        """The rest of the layer from the attention's per-head output ``o`` [B, L, nH * D]."""
+        x = x + self.post_attention_layernorm(self.self_attn.o_proj(o))
         x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         return x * self.layer_scalar.astype(x.dtype)
 
@@ -154,7 +140,7 @@ class Model(nn.Module):
         emb: scaled target embedding of the token to feed [B, 1, H_t]; hidden: target hidden
         (or the fed-back projection) [B, 1, H_t]; q_pos: RoPE position [B, 1].
         Returns (head hidden [B, 1, H_d] after the final norm, next hidden [B, 1, H_t]).
-        ``fused_ops``: run each layer's part after attention compiled (bit-identical).
+        ``fused_ops``: run the pieces around each attention compiled (bit-identical).
         """
         x = (fused(self, "start") if fused_ops else self.start)(emb, hidden)
         offsets = q_pos[:, 0]
@@ -165,13 +151,11 @@ class Model(nn.Module):
         B, L, _ = x.shape
         for layer in self.model.layers:
             t = layer.layer_type
-            if not fused_ops:
-                x = layer(x, offsets, self._periods[t], kv[t], masks[t], dense[t], attn_backend)
-                continue
-            q = fused(layer, "begin")(x, offsets, self._periods[t])
+            begin, finish = (fused(layer, "begin"), fused(layer, "finish")) if fused_ops else (layer.begin, layer.finish)
+            q = begin(x, offsets, self._periods[t])
             o = attention(q, kv[t].keys, kv[t].values, q_pos=masks[t].q, k_pos=kv[t].pos, window=masks[t].window,
                           scale=1.0, backend=attn_backend, mask=dense[t])
-            x = fused(layer, "finish")(x, o.transpose(0, 2, 1, 3).reshape(B, L, -1))
+            x = finish(x, o.transpose(0, 2, 1, 3).reshape(B, L, -1))
         return (fused(self, "end") if fused_ops else self.end)(x)
 
     def start(self, emb: mx.array, hidden: mx.array) -> mx.array:
