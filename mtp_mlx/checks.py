@@ -27,6 +27,7 @@ import numpy as np
 
 from .errors import MtpError
 from .limits import MAX_DRAFT
+from .ops.matmul import shard_matmuls, threads
 
 # Draft lengths the exactness check verifies, one per input: the widest verify the engine
 # runs, a middle one, and the narrowest (two rows, the smallest "wide" matmul).
@@ -237,8 +238,9 @@ def load_variant(target_path, variant: str, *, base: str = "bfloat16"):
             raise MtpError(f"{target_path} is already quantized: check its {variant} variant from the float original")
         _quantize(model, int(variant[1:]), 64, router=cfg.text.enable_moe_block)
         mx.eval(model.parameters())
-        return model
-    model, _ = load_target(target_path, variant)
+    else:
+        model, _ = load_target(target_path, variant)
+    shard_matmuls(model)  # checked as it runs when loaded (split products are bit-identical)
     return model
 
 
@@ -273,6 +275,7 @@ def run_checks(
     return {
         "mlx_version": mx.__version__,
         "device": device_line(),
+        "matmul_threads": threads(pair.target),
         "metal": bool(mx.metal.is_available()),
         "kernel": asdict(kernel),
         "attn_backend": backend,
@@ -287,7 +290,9 @@ def _status(status: str) -> str:
 
 def format_report(report: dict) -> str:
     """The report as lines of text, one per finding."""
-    lines = [f"MLX {report['mlx_version']}, device {report['device']}",
+    n = report.get("matmul_threads", 1)
+    lines = [f"MLX {report['mlx_version']}, device {report['device']}"
+             + (f", large products split across {n} CPU threads" if n > 1 else ""),
              f"[{_status(report['kernel']['status'])}] {report['kernel']['message']}"]
     for r in report["exactness"]:
         lines.append(f"[{_status(r['status'])}] wide verify, {r['message']}")

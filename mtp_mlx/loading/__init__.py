@@ -13,6 +13,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from ..errors import MtpError
 from ..models.config import DRAFTER_MODEL_TYPES, TARGET_MODEL_TYPES, DrafterConfig, TargetConfig
+from ..ops.matmul import shard_matmuls
 from . import hub, pair_fit, weights
 from .tokenizer import load_tokenizer
 
@@ -30,7 +31,7 @@ class Pair:
     drafter_path: Optional[Path]
 
 
-def load(model: str, drafter: Optional[str] = None, *, dtype=None) -> Pair:
+def load(model: str, drafter: Optional[str] = None, *, dtype=None, matmul_threads: Optional[int] = None) -> Pair:
     """Load a Gemma 4 target, optionally its MTP drafter, and the target's tokenizer.
 
     Args:
@@ -39,6 +40,9 @@ def load(model: str, drafter: Optional[str] = None, *, dtype=None) -> Pair:
         drafter (str, optional): the same for the matching ``-assistant`` checkpoint.
         dtype (str, optional): ``"float32"``, ``"bfloat16"`` or ``"float16"`` to cast the
             floating-point weights to. Default: keep the checkpoints' dtypes.
+        matmul_threads (int, optional): CPU threads each large matrix product is split
+            across (``mtp_mlx.ops.matmul``; bit-identical results). Default: the machine's
+            cores when MLX computes on the CPU, 1 (no split) on a GPU.
 
     Raises:
         MtpError: a bad path, a failed download, a corrupt checkpoint, swapped roles, or a
@@ -54,6 +58,8 @@ def load(model: str, drafter: Optional[str] = None, *, dtype=None) -> Pair:
     drafter_model = None
     if drafter_path is not None:
         drafter_model, drafter_config = weights.load_drafter(drafter_path, dtype)
+    for m in (target, drafter_model):
+        shard_matmuls(m, matmul_threads)
     return Pair(
         target=target,
         target_config=target_config,
