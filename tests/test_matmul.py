@@ -97,3 +97,33 @@ def test_same_tokens_split_or_whole(fixtures, kind):
         for b in (1, 4):
             assert results[2, k, b] == results[1, k, b]
             assert results[1, k, b] == results[1, 0, b]
+
+
+def test_split_products_run_on_any_thread(fixtures):
+    """MLX streams belong to the thread that made them: a pair split on one thread (and traced
+    there) decodes the same tokens on another, as the server's engine thread does."""
+    import threading
+
+    from mtp_mlx.models.layers import release_fused
+
+    pair = load(str(fixtures / "agree" / "target"), str(fixtures / "agree" / "assistant"))
+    assert shard_matmuls(pair.target, 2, min_elements=0) > 0
+    assert shard_matmuls(pair.drafter, 2, min_elements=0) > 0
+    prompts = [[2, 3, 4], [5, 6, 7, 8]]
+    here = [t for t, _ in generate_ids(Engine(pair, max_batch=2), prompts, max_tokens=12, num_draft=2)]
+    got = {}
+
+    def work():
+        try:
+            got["tokens"] = [t for t, _ in generate_ids(Engine(pair, max_batch=2), prompts, max_tokens=12,
+                                                        num_draft=2)]
+        except Exception as e:  # reported below
+            got["error"] = e
+        finally:
+            release_fused(pair.target, pair.drafter)  # traces of an ended thread must not outlive it
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join(120)
+    assert "error" not in got, got.get("error")
+    assert got["tokens"] == here

@@ -1,6 +1,8 @@
 """Building blocks shared by the Gemma 4 target and its MTP drafter."""
 
+import itertools
 import math
+import threading
 from typing import Callable
 
 import mlx.core as mx
@@ -79,20 +81,34 @@ verify chunk of up to MAX_DRAFT + 1. Longer chunks (prefill) run uncompiled, so 
 prompt length does not trace the layers again."""
 
 
+_THREAD = threading.local()
+_THREAD_KEYS = itertools.count()
+
+
+def _thread_key() -> int:
+    """A number naming the calling thread, never reused by a later thread."""
+    if not hasattr(_THREAD, "key"):
+        _THREAD.key = next(_THREAD_KEYS)
+    return _THREAD.key
+
+
 def fused(module, name: str) -> Callable:
-    """``module.<name>``, compiled with ``mx.compile`` once per module instance.
+    """``module.<name>``, compiled with ``mx.compile`` once per module instance and thread.
 
     On small chunks a layer costs the number of operations it launches, not their size; the
     compiled function runs each chain of elementwise operations (the RMSNorm fallbacks, the
     GELU, residual adds, scalars) as one kernel and skips rebuilding the graph in Python.
     Every operation keeps its dtype, so the result is bit-identical to the uncompiled method
     (tested). The module's parameters are inputs of the compiled function, not constants, so
-    weights updated after the first call (quantization, loading) are read afresh.
+    weights updated after the first call (quantization, loading) are read afresh. A trace
+    holds the streams it was made with, and MLX streams belong to one thread (the products
+    split across CPU threads name theirs, ``ops.matmul``), so each thread traces its own.
     """
     table = module.__dict__.setdefault("_fused", {})
-    fn = table.get(name)
+    key = (name, _thread_key())
+    fn = table.get(key)
     if fn is None:
-        fn = table[name] = mx.compile(getattr(module, name), inputs=module)
+        fn = table[key] = mx.compile(getattr(module, name), inputs=module)
     return fn
 
 

@@ -24,8 +24,8 @@ tied ``Embedding`` heads this behaviour in place: same instances, same parameter
 loading and quantizing see nothing new), another class in front of their own.
 """
 
-import functools
 import os
+import threading
 from typing import List, Optional, Tuple
 
 import mlx.core as mx
@@ -44,10 +44,16 @@ def default_parts() -> int:
     return max(1, min(os.cpu_count() or 1, MAX_PARTS))
 
 
-@functools.lru_cache(maxsize=None)
+_LOCAL = threading.local()
+
+
 def cpu_streams(parts: int) -> Tuple[mx.Stream, ...]:
-    """``parts`` CPU streams, made once per process (each runs its operations on its own thread)."""
-    return tuple(mx.new_stream(mx.cpu) for _ in range(parts))
+    """``parts`` CPU streams of the calling thread, made once per thread (MLX streams belong to
+    the thread that made them; each runs its operations on a worker thread of its own)."""
+    table = _LOCAL.__dict__.setdefault("streams", {})
+    if parts not in table:
+        table[parts] = tuple(mx.new_stream(mx.cpu) for _ in range(parts))
+    return table[parts]
 
 
 def slices(rows: int, parts: int) -> List[Tuple[int, int]]:
@@ -59,9 +65,10 @@ def slices(rows: int, parts: int) -> List[Tuple[int, int]]:
     return list(zip(cuts[:-1], cuts[1:]))
 
 
-def _split(fn, x: mx.array, tensors, plan) -> mx.array:
-    """``concat([fn(x, *(t[a:b] for t in tensors), stream=s) ...], axis=-1)``."""
-    bounds, streams = plan
+def _split(fn, x: mx.array, tensors, bounds) -> mx.array:
+    """``concat([fn(x, *(t[a:b] for t in tensors), stream=s) ...], axis=-1)``, one CPU stream of
+    the calling thread per slice."""
+    streams = cpu_streams(len(bounds))
     outs = [fn(x, *(None if t is None else t[a:b] for t in tensors), stream=s) for (a, b), s in zip(bounds, streams)]
     return mx.concatenate(outs, axis=-1)
 
@@ -133,14 +140,13 @@ def shard_matmuls(model: Optional[nn.Module], parts: Optional[int] = None, *,
     parts = default_parts() if parts is None else int(parts)
     if parts < 1:
         raise ValueError(f"parts must be >= 1, got {parts}")
-    streams = cpu_streams(parts) if parts > 1 else ()
     count, changed = 0, False
     for module in model.modules():
         base = _base_class(module)
         if base is None or "bias" in module or _elements(module) < min_elements:
             continue
         bounds = slices(module["weight"].shape[0], parts) if parts > 1 else []
-        shards = (bounds, streams[: len(bounds)]) if len(bounds) > 1 else None
+        shards = bounds if len(bounds) > 1 else None
         if shards == module.__dict__.get("_shards"):
             count += shards is not None
             continue
@@ -173,4 +179,4 @@ def threads(model: Optional[nn.Module]) -> int:
     """The most CPU threads any product of ``model`` is split across (1: none is split)."""
     if model is None:
         return 1
-    return max((len(m.__dict__["_shards"][0]) for m in model.modules() if "_shards" in m.__dict__), default=1)
+    return max((len(m.__dict__["_shards"]) for m in model.modules() if "_shards" in m.__dict__), default=1)
