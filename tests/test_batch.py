@@ -114,3 +114,31 @@ def test_ring_layout_does_not_depend_on_k():
         batch.step({0: k})
         caps.add(tuple(c.capacity for c in batch.cache.layers.values()))
     assert len(caps) == 1
+
+
+def test_steady_rounds_and_look_ahead(agree):
+    """``Batch.steady`` marks the rounds that measure a round's cost: a plain round whose
+    forward was queued ahead, a drafting round that threw nothing away. Whatever the look-ahead
+    does, the tokens are plain decoding's."""
+    from mtp_mlx.decoding.batch import Batch, RowSpec
+
+    t, d = agree.target, agree.drafter
+    prompt = _ids(9, 13)
+    b = Batch(t, d)
+    b.insert(RowSpec(0, prompt))
+    toks = b.step()[0].tokens  # the prefill's first token
+    script = [  # (K, look_ahead, steady expected)
+        (0, True, False),   # first plain round: nothing was queued
+        (0, True, True),    # found its forward queued
+        (2, True, False),   # threw the queued forward away
+        (2, True, True),
+        (0, False, False),  # first plain round after drafting; queues nothing ahead
+        (2, True, True),    # so this drafting round throws nothing away
+        (0, True, False),
+        (0, True, True),
+        (0, True, True),
+    ]
+    for k, look, steady in script:
+        toks += b.step({0: k}, look_ahead=look)[0].tokens
+        assert b.steady == steady, (k, look)
+    assert toks == plain(t, prompt, len(toks))

@@ -337,3 +337,22 @@ def test_noisy_costs_are_made_non_decreasing_in_k():
         policy.observe({1: k}, {1: 0}, seconds)
     assert policy.cost(1, 0) == pytest.approx(0.075) == policy.cost(1, 1)  # pooled: K=1 is no cheaper
     assert policy.cost(1, 2) == pytest.approx(0.12)
+
+
+def test_drafts_next_foretells_probes_and_drafting_rounds():
+    """The engine queues a plain forward ahead only when the policy does not expect the next
+    round to draft; the guess matches the next plan except where the choice itself changes
+    (parked -> drafting or back), and always foretells a probe."""
+    for cost, acc in [(steep, 0.05), (flat, 0.9), (steep, 0.6)]:
+        sim = Sim(DraftPolicy(probe_first=8, probe_max=64), cost, seed=2)
+        sim.rows = {0: acc}
+        guesses, drafted = [], []
+        for _ in range(400):
+            guesses.append(sim.policy.drafts_next(1))
+            drafted.append(max(sim.step().values()) > 0)
+        probes = [r for r in range(1, 399) if drafted[r] and not drafted[r - 1] and not drafted[r + 1]]
+        assert all(guesses[r] for r in probes)
+        misses = [r for r in range(400) if guesses[r] != drafted[r]]
+        assert all(drafted[r] != drafted[r - 1] for r in misses if r > 0), (cost.__name__, acc, misses)
+        assert len(misses) <= 10
+    assert not DraftPolicy().drafts_next(1)  # nothing measured: plain rounds first

@@ -146,6 +146,7 @@ class Batch:
         self.pending: deque = deque()  # _Prefill jobs, oldest first
         self._ahead: Optional[tuple] = None  # (uids, the next plain round) queued ahead
         self.prefilled = False  # whether the latest step also ran a prefill slice
+        self.steady = False  # whether the latest step ran as a round among rounds like it (see step)
         self._joined: Optional[tuple] = None  # (rows, cache, bonus, hidden) merged at the next boundary
 
     # ---- membership ----------------------------------------------------------------------
@@ -209,26 +210,36 @@ class Batch:
         return dict(zip(self.uids, self.cache.offsets)) if self.rows else {}
 
     # ---- one round ------------------------------------------------------------------------
-    def step(self, ks: Optional[Dict[int, int]] = None) -> Dict[int, RowOut]:
+    def step(self, ks: Optional[Dict[int, int]] = None, look_ahead: bool = True) -> Dict[int, RowOut]:
         """One round; ``ks[uid]`` = that row's draft length (missing = 0). Returns what each
-        row got: running rows one round's tokens, a row whose prefill finished its first token."""
+        row got: running rows one round's tokens, a row whose prefill finished its first token.
+
+        ``look_ahead``: in a plain round, queue the next plain round's forward before the sync
+        (pass False when the next round will draft: the queued forward would be thrown away).
+        Afterwards ``steady`` tells whether the round ran as it would among rounds like it: a
+        plain round that found its forward queued (or that cannot be queued ahead), a drafting
+        round that did not first throw a queued forward away. Only steady rounds measure what a
+        round costs (``DraftPolicy``)."""
         ks = ks or {}
         out: Dict[int, RowOut] = {}
         lazy: list = []
         plain = bool(self.rows) and not any(ks.get(r.uid, 0) for r in self.rows)
         round_ = None
+        self.steady = not plain or not self._can_look_ahead()
         if self._ahead is not None:
             uids, ahead = self._ahead
             if plain and uids == self.uids:
                 round_ = ahead  # computed (or computing) since the last round
                 lazy.extend(round_[2:4] + (round_[5],))
                 self._ahead = None
+                self.steady = True
             else:
                 self._drop_ahead()
+                self.steady = False
         if round_ is None and self.rows:
             round_ = self._round(ks, lazy)
         prefilled = self._prefill_slice(lazy, idle=round_ is None)
-        if plain and round_ is not None and self._can_look_ahead():
+        if plain and look_ahead and round_ is not None and self._can_look_ahead():
             # Plain decoding: queue the next round's forward now, so the device works on it
             # while the host handles this round (undone with one trim if it goes unused).
             ahead = self._verify(round_[3][:, None], mx.zeros((len(self.rows), 0), mx.int32), None,

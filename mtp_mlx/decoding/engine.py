@@ -201,6 +201,7 @@ class Engine:
         self.policy = policy if policy is not None else self._default_policy()
         self.totals = RunStats()
         self.rounds = 0
+        self._fixed: Dict[int, int] = {}  # the latest round's rows with a fixed K (see _plan)
         self._next_uid = 0
 
     def _default_policy(self):
@@ -275,17 +276,20 @@ class Engine:
             return events
         ks = self._plan()
         tic = time.perf_counter()
-        outs = self.batch.step(ks)
+        outs = self.batch.step(ks, look_ahead=not self._drafts_next(ks))
         seconds = time.perf_counter() - tic
         now = time.perf_counter()
         rounds = {u: o for u, o in outs.items() if not o.first}
         if rounds:
             self.rounds += 1
             if self.policy is not None:
-                # A round that also ran a prefill slice says nothing about a round's cost.
+                # Only a round that ran as it would among rounds like it measures a round's cost:
+                # not one that also ran a prefill slice, nor the first plain round after drafting
+                # (nothing was queued ahead), nor a drafting round that threw a queued forward away.
+                steady = self.batch.steady and not self.batch.prefilled
                 self.policy.observe({u: o.drafted for u, o in rounds.items()},
                                     {u: o.accepted for u, o in rounds.items()},
-                                    None if self.batch.prefilled else seconds)
+                                    seconds if steady else None)
         if self.prefix.max_bytes > 0:
             for uid, out in outs.items():
                 if out.first:  # a segment boundary: the prompt's K/V, for later prompts that extend it
@@ -319,10 +323,22 @@ class Engine:
                 fixed[uid] = 0  # a wide verify would not round like decoding: no greedy drafting
             elif lv.req.num_draft != "auto":
                 fixed[uid] = min(lv.req.num_draft, caps[uid])
+        self._fixed = fixed
         if self.policy is None or len(fixed) == len(uids):
             return fixed
         plan = self.policy.plan(uids, caps, fixed)
         return {u: min(int(plan.get(u, 0)), caps[u]) for u in uids}
+
+    def _drafts_next(self, ks: Dict[int, int]) -> bool:
+        """Whether the next round will likely draft (then no plain forward is queued ahead):
+        a row with a fixed K drafts, or the policy expects to. A guess: a wrong one costs
+        a little time, never a token."""
+        if self.drafter is None or not ks:
+            return False
+        if any(k > 0 for k in self._fixed.values()):
+            return True
+        foretell = getattr(self.policy, "drafts_next", None)  # optional in a policy of one's own
+        return foretell is not None and len(self._fixed) < len(ks) and foretell(len(ks))
 
     def _emit(self, lv: _Live, out, now: float) -> Event:
         lv.batch_tokens.extend(out.tokens)

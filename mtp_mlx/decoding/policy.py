@@ -129,6 +129,7 @@ class _Bucket:
     guard: Deque[Tuple[float, float]] = field(default_factory=collections.deque)  # (plain-equivalent s, s)
     guard_until: int = 0  # round number until which the guard keeps the bucket parked
     guard_backoff: int = 0
+    after_probe: Optional[int] = None  # the choice a probe just left (until the next plan)
 
 
 class DraftPolicy:
@@ -354,7 +355,7 @@ class DraftPolicy:
         state = self._bucket(bucket)
         self._planned = (bucket, uids, caps, fixed)
         self._planned_parked = False
-        state.probing = False
+        state.probing, state.after_probe = False, None
         ch = self._choose(uids, caps, fixed, bucket)
         if ch is None:
             ks = {u: min(int(fixed.get(u, 0)), caps[u]) for u in uids}
@@ -384,6 +385,20 @@ class DraftPolicy:
         # Worded only when asked for (summary): formatting every round costs a parked row's time.
         self._reason = lambda: self._explain(choice, ch, bucket, guarded, state)
         return choice
+
+    def drafts_next(self, batch_size: int) -> bool:
+        """Whether the next round of this batch size will likely draft: its bucket's choice is a
+        drafting depth, or a probe is due. The engine then does not queue a plain forward
+        ahead, which would be thrown away (and would make the probe's cost sample wrong)."""
+        bucket = bucket_of(batch_size)
+        state = self._buckets.get(bucket)
+        if state is None or self._cost(bucket, 0) is None:
+            return False
+        guarded = self._round < state.guard_until
+        choice = state.incumbent if state.after_probe is None else state.after_probe
+        if choice > 0 and not guarded:
+            return True
+        return state.since_probe + 1 >= state.probe_interval
 
     def _choose(self, uids: List[int], caps: Dict[int, int], fixed: Dict[int, int], bucket: int) -> Optional[_Choice]:
         """The best round depth by the measured objective, with hysteresis against the bucket's
@@ -524,6 +539,7 @@ class DraftPolicy:
         ch = self._choose(uids, caps, fixed, bucket)
         guarded = self._round < state.guard_until
         after = 0 if ch is None or guarded else max(ch.layout[u] for u in ch.auto)
+        state.after_probe = after
         if after == state.choice_before_probe:
             state.probe_interval = min(2 * state.probe_interval, self.probe_max)
         else:
