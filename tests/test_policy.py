@@ -356,3 +356,14 @@ def test_drafts_next_foretells_probes_and_drafting_rounds():
         assert all(drafted[r] != drafted[r - 1] for r in misses if r > 0), (cost.__name__, acc, misses)
         assert len(misses) <= 10
     assert not DraftPolicy().drafts_next(1)  # nothing measured: plain rounds first
+
+
+def test_stalls_while_drafting_do_not_trip_the_guard():
+    """Drafting pays (about 1.2x plain); every fifth round stalls 3x (another process on the
+    machine). The stalls would slow plain decoding as much, so the guard must not park."""
+    sim = Sim(DraftPolicy(probe_first=10_000, probe_max=10_000), steep, seed=4)
+    sim.rows = {0: 0.7}
+    sim.stalls = {r: 3.0 for r in range(0, 400, 5)}
+    sim.run(400)
+    assert sim.policy.summary()["guard_trips"] == 0
+    assert sum(k > 0 for k in round_k(sim.plans)[50:]) >= 340

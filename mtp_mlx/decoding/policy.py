@@ -37,7 +37,9 @@ The model
   to refresh the estimates that would otherwise never be measured again.
 * Hard guard. Over the last ``guard_window`` drafting rounds of a bucket (parked probes
   excluded), the time plain decoding would have needed for the same tokens,
-  ``sum(tokens_r / b_r) * C[b][0]``, is compared with the time taken. Below
+  ``sum(tokens_r / b_r) * C[b][0]``, is compared with the time taken (each round's time
+  counted at most ``cost_clip[1]`` x the median of the last three raw times at its K: a stall
+  slows plain decoding as much, so it must not trip the guard). Below
   ``1 - guard_epsilon`` the bucket is parked for ``guard_backoff`` rounds (doubling on each
   consecutive trip, to ``guard_backoff_max``; reset by a window that passes), whatever the model
   says: this catches a cost or acceptance model that is wrong.
@@ -489,7 +491,7 @@ class DraftPolicy:
         # Probes from a parked choice are bounded on their own (one per probe interval).
         if seconds is not None and k_round > 0 and not (probing and state.choice_before_probe == 0):
             tokens = sum(1 + min(int(accepted.get(u, 0)), k) for u, k in ks.items())
-            self._guard_step(bucket, state, tokens / batch, seconds)
+            self._guard_step(bucket, state, tokens / batch, seconds, k_round)
         if probing:
             self._after_probe(bucket, state, planned)
         self._planned, self._planned_parked, state.probing = None, False, False
@@ -511,10 +513,16 @@ class DraftPolicy:
             self._prior_last[j] = self._round
             self._prior_seen[j] += 1
 
-    def _guard_step(self, bucket: int, state: _Bucket, tokens_per_row: float, seconds: float) -> None:
+    def _guard_step(self, bucket: int, state: _Bucket, tokens_per_row: float, seconds: float, k: int) -> None:
         plain = self._cost(bucket, 0)
         if plain is None or seconds <= 0:
             return
+        # A stall (another process, the OS) would slow plain decoding as much: a round counts at
+        # most cost_clip[1] x the median of the latest raw times of rounds like it (not the
+        # model's estimate, which may be the thing that is wrong), so one stall cannot trip it.
+        c = self._costs.get(bucket, {}).get(k)
+        if c is not None and c.recent:
+            seconds = min(seconds, self.cost_clip[1] * statistics.median(c.recent))
         state.guard.append((tokens_per_row * plain, seconds))
         if len(state.guard) > self.guard_window:
             state.guard.popleft()

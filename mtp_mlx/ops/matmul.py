@@ -122,6 +122,9 @@ _MIXINS = {
 }
 
 
+_SHARDED = {base: type(f"Sharded{base.__name__}", (mixin, base), {}) for base, mixin in _MIXINS.items()}
+
+
 def _elements(module) -> int:
     w = module["weight"]
     bits = getattr(module, "bits", None)
@@ -156,7 +159,7 @@ def shard_matmuls(model: Optional[nn.Module], parts: Optional[int] = None, *,
             module.__dict__.pop("_shards", None)
             continue
         if module.__class__ is base:
-            module.__class__ = type(f"Sharded{base.__name__}", (_MIXINS[base], base), {})
+            module.__class__ = _SHARDED[base]
         module.__dict__["_shards"] = shards
         count += 1
     if changed:  # compiled pieces traced before would keep running the old products
@@ -170,9 +173,7 @@ def _base_class(module) -> Optional[type]:
     cls = module.__class__
     if cls in _MIXINS:
         return cls
-    if len(cls.__bases__) == 2 and cls.__bases__[0] in _MIXINS.values() and cls.__bases__[1] in _MIXINS:
-        return cls.__bases__[1]
-    return None
+    return next((base for base, sharded in _SHARDED.items() if cls is sharded), None)
 
 
 def threads(model: Optional[nn.Module]) -> int:
