@@ -127,3 +127,11 @@ def test_split_products_run_on_any_thread(fixtures):
     t.join(120)
     assert "error" not in got, got.get("error")
     assert got["tokens"] == here
+
+
+def test_load_rejects_a_bad_thread_count(fixtures):
+    from mtp_mlx.errors import MtpError
+
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(MtpError, match="matmul_threads .* out of range"):
+            load(str(fixtures / "agree" / "target"), matmul_threads=bad)

@@ -49,6 +49,9 @@ def load(model: str, drafter: Optional[str] = None, *, dtype=None, matmul_thread
             drafter that does not fit the target (checked before any weight is read).
     """
     weights.parse_dtype(dtype)
+    if matmul_threads is not None and (isinstance(matmul_threads, bool) or not isinstance(matmul_threads, int)
+                                       or matmul_threads < 1):
+        raise MtpError(f"matmul_threads {matmul_threads!r} is out of range: use 1 or more (1 = no split)")
     target_path = hub.resolve(model, "model")
     drafter_path = hub.resolve(drafter, "drafter") if drafter is not None else None
     target_config, drafter_config = check_configs(
