@@ -73,52 +73,38 @@ def _split(fn, x: mx.array, tensors, bounds) -> mx.array:
     return mx.concatenate(outs, axis=-1)
 
 
-def _dense(x, w, stream):
-    return mx.matmul(x, w.T, stream=stream)
+def _product(module, x: mx.array) -> mx.array:
+    """``x @ W.T`` of a (quantized) linear or tied head ``module``, split by its ``_shards``."""
+    bounds = module.__dict__["_shards"]
+    if "scales" not in module:
+        return _split(lambda x, w, stream: mx.matmul(x, w.T, stream=stream), x, (module["weight"],), bounds)
 
-
-def _quantized(module):
     def run(x, w, scales, biases, stream):
         return mx.quantized_matmul(x, w, scales=scales, biases=biases, transpose=True, group_size=module.group_size,
                                    bits=module.bits, mode=module.mode, stream=stream)
-    return run
+
+    return _split(run, x, (module["weight"], module["scales"], module.get("biases")), bounds)
 
 
-class _ShardedLinear:
-    """In front of ``nn.Linear`` without bias."""
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return _split(_dense, x, (self["weight"],), self.__dict__["_shards"])
-
-
-class _ShardedQuantizedLinear:
-    """In front of ``nn.QuantizedLinear`` without bias."""
+class _ShardedCall:
+    """In front of ``nn.Linear`` / ``nn.QuantizedLinear`` without bias."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        return _split(_quantized(self), x, (self["weight"], self["scales"], self.get("biases")),
-                      self.__dict__["_shards"])
+        return _product(self, x)
 
 
-class _ShardedEmbedding:
-    """In front of ``nn.Embedding``: the tied output projection (``as_linear``)."""
-
-    def as_linear(self, x: mx.array) -> mx.array:
-        return _split(_dense, x, (self["weight"],), self.__dict__["_shards"])
-
-
-class _ShardedQuantizedEmbedding:
-    """In front of ``nn.QuantizedEmbedding``: the tied output projection (``as_linear``)."""
+class _ShardedHead:
+    """In front of ``nn.Embedding`` / ``nn.QuantizedEmbedding``: the tied output projection."""
 
     def as_linear(self, x: mx.array) -> mx.array:
-        return _split(_quantized(self), x, (self["weight"], self["scales"], self.get("biases")),
-                      self.__dict__["_shards"])
+        return _product(self, x)
 
 
 _MIXINS = {
-    nn.Linear: _ShardedLinear,
-    nn.QuantizedLinear: _ShardedQuantizedLinear,
-    nn.Embedding: _ShardedEmbedding,
-    nn.QuantizedEmbedding: _ShardedQuantizedEmbedding,
+    nn.Linear: _ShardedCall,
+    nn.QuantizedLinear: _ShardedCall,
+    nn.Embedding: _ShardedHead,
+    nn.QuantizedEmbedding: _ShardedHead,
 }
 
 
