@@ -21,6 +21,9 @@ single runs alternate. Either way round r runs every case before round r + 1 sta
 slow spell of a shared machine lands on all cases alike. Medians over all timed runs. Load
 time excludes the imports (reported apart).
 
+The peers read a checkpoint whose config.json they cannot read as written through
+:func:`peer_view`: the same weight files, a config completed with values it implies.
+
 Greedy, no EOS (every run decodes exactly ``--max-tokens``). Decode speed is
 (N - 1) / (t_N - t_1), t_i = when the i-th token reached the host (prefill excluded); a
 speculative round's tokens arrive together. Also reported: load seconds (our Engine's start-up,
@@ -196,7 +199,8 @@ def worker(args) -> None:
     import_s = time.perf_counter() - t0
     cls, spec = RUNNERS[job["case"]]
     t0 = time.perf_counter()
-    runner = cls(job["model"], job["drafter"], spec)
+    peer = job["case"] in PEER_CASES  # the peers read the checkpoint through peer_view
+    runner = cls(job["peer_model"] if peer else job["model"], job["peer_drafter"] if peer else job["drafter"], spec)
     mx.eval([m.parameters() for m in runner.models if m is not None])
     init_s = getattr(runner, "init_s", 0.0)
     load_s = time.perf_counter() - t0 - init_s
@@ -217,6 +221,68 @@ def worker(args) -> None:
         if line.strip() != "run":
             break
         print("RESULT " + json.dumps(dict(head, max_rss_bytes=rss(), runs=[_timed_run(runner, job)])), flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# the peers' view of a checkpoint
+# ----------------------------------------------------------------------------------------------
+
+
+def peer_config(config: dict) -> Optional[dict]:
+    """The same checkpoint's config.json completed with the keys mlx-lm and mlx-vlm read, or
+    None when nothing is missing. Only values the config already implies are written:
+
+    - transformers 5.23 saves full-attention head geometry as a derived ``per_layer_config``
+      map; released files (and the peers, which read only these) carry ``global_head_dim`` and
+      ``num_global_key_value_heads``. Without them the peers fall back to 512-wide heads.
+    - 12B "unified": its text stack has no per-layer inputs (``hidden_size_per_layer_input``
+      0; mlx-lm assumes E2B's 256 when the key is absent), and mlx-vlm sizes the patch
+      embedder from ``model_patch_size`` (patch size x pooling kernel) and the audio projection
+      from ``audio_samples_per_token`` / ``hidden_size`` / ``output_proj_dims`` (the frame
+      width, ``audio_embed_dim`` in the config), defaulting to the released 12B's sizes.
+    """
+    cfg = json.loads(json.dumps(config))
+    text = cfg.get("text_config", cfg)
+    plc = text.get("per_layer_config") or {}
+    types = text.get("layer_types") or []
+
+    def fill(d: dict, key: str, value) -> None:
+        if d.get(key) is None and value is not None:
+            d[key] = value
+
+    for idx, over in plc.items():
+        if int(idx) < len(types) and types[int(idx)] == "full_attention":
+            fill(text, "global_head_dim", over.get("head_dim"))
+            if text.get("attention_k_eq_v"):  # full layers use their own KV head count only then
+                fill(text, "num_global_key_value_heads", over.get("num_key_value_heads"))
+    text.pop("per_layer_config", None)
+    if text.get("model_type") == "gemma4_unified_text":
+        fill(text, "hidden_size_per_layer_input", 0)
+        vision = cfg.get("vision_config") or {}
+        if "patch_size" in vision and "pooling_kernel_size" in vision:
+            fill(vision, "model_patch_size", vision["patch_size"] * vision["pooling_kernel_size"])
+        audio = cfg.get("audio_config") or {}
+        if "audio_embed_dim" in audio:
+            for key in ("audio_samples_per_token", "hidden_size", "output_proj_dims"):
+                fill(audio, key, audio["audio_embed_dim"])
+    return None if cfg == config else cfg
+
+
+def peer_view(model: str, into: str) -> Optional[str]:
+    """A folder under ``into`` that links every file of ``model`` except config.json, which is
+    :func:`peer_config`'s; None when the peers read ``model`` as it is. The weights are the same
+    files, and the report's "same ids" column shows the peers decode what we decode."""
+    src = Path(model)
+    cfg = peer_config(json.loads((src / "config.json").read_text()))
+    if cfg is None:
+        return None
+    view = Path(into) / src.name
+    view.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.name != "config.json":
+            (view / f.name).symlink_to(f.resolve())
+    (view / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return str(view)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -367,6 +433,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     job = dict(model=str(Path(args.model).resolve()), drafter=str(Path(args.drafter).resolve()) if args.drafter else None,
                ids=ids, max_tokens=args.max_tokens, num_draft=args.num_draft, runs=args.runs_per_process,
                warmup=args.warmup, warmup_tokens=args.warmup_tokens or args.max_tokens)
+    views = tempfile.TemporaryDirectory(prefix="mtp-mlx-peer-view-")
+    peers = any(c in PEER_CASES for c in cases)
+    for role in ("model", "drafter"):
+        job[f"peer_{role}"] = job[role]
+        view = peer_view(job[role], os.path.join(views.name, role)) if job[role] and peers else None
+        if view is not None:
+            job[f"peer_{role}"] = view
+            print(f"the peers read {job[role]} through a view with a completed config.json: "
+                  "the same weight files", file=sys.stderr)
     results: Dict[str, List[dict]] = {c: [] for c in cases}
     python = {c: args.peers_python if c in PEER_CASES else sys.executable for c in cases}
     residents: Dict[str, Resident] = {}
@@ -395,6 +470,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         for w in residents.values():
             w.close()
+        views.cleanup()
     for case, err in failed.items():
         print(f"{case}: {err}", file=sys.stderr)
     results = {c: v for c, v in results.items() if v}
@@ -420,7 +496,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     report = {
         "model": args.model, "drafter": args.drafter, "prompt_tokens": len(ids), "max_tokens": args.max_tokens,
         "num_draft": args.num_draft, "rounds": args.rounds, "runs_per_process": args.runs_per_process,
-        "warmup": args.warmup, "machine": platform.machine(), "cpu_count": os.cpu_count(),
+        "warmup": args.warmup, "peer_view": job["peer_model"] != job["model"] or job["peer_drafter"] != job["drafter"],
+        "machine": platform.machine(), "cpu_count": os.cpu_count(),
         "load_average": os.getloadavg(), "results": summary, "ratios": ratios, "failed": failed,
     }
     if args.json:
