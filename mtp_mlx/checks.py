@@ -147,10 +147,33 @@ def speculation_gate(pair, *, attn_backend: str = "auto", forward: Optional[Call
     distribution either way.
     """
     result = wide_verify_exact(pair.target, attn_backend=attn_backend, forward=forward)
-    if result.ok:
-        return True, f"exactness check passed ({result.message})"
-    return False, (f"greedy speculation declined: {result.message} on this device, so drafted output "
-                   "could differ from the target alone; decoding greedy requests without the drafter")
+    return result.ok, gate_line(result.ok, result.message)
+
+
+def gate_line(exact: bool, message: str, stored: Optional[str] = None) -> str:
+    """The engine's one line for a verdict; ``stored``: when it was stored, for a verdict taken
+    from the tuning store instead of checked now."""
+    if exact:
+        return f"exactness check passed ({f'stored {stored}: ' if stored else ''}{message})"
+    source = f" (stored {stored}; `mtp-mlx check` checks again)" if stored else ""
+    return (f"greedy speculation declined{source}: {message} on this device, so drafted output "
+            "could differ from the target alone; decoding greedy requests without the drafter")
+
+
+def stored_speculation_gate(target, target_path, *, attn_backend: str = "auto") -> Tuple[bool, str]:
+    """``speculation_gate`` for a target loaded from ``target_path``, remembered in the tuning
+    store (``tuning.exactness_key``: machine, MLX, device, checkpoint files, dtype, backend,
+    our code). A stored verdict is used as is, and its line says so; otherwise the check runs
+    and its verdict, pass or fail, is stored. An unreadable store or a failed write only means
+    the check runs."""
+    from . import tuning
+
+    entry = tuning.load_exactness(target, target_path, attn_backend)
+    if entry is not None:
+        return entry["exact"], gate_line(entry["exact"], entry["message"], stored=entry["stored"])
+    result = wide_verify_exact(target, attn_backend=attn_backend)
+    tuning.save_exactness(target, target_path, attn_backend, result.ok, result.message)
+    return result.ok, gate_line(result.ok, result.message)
 
 
 # ---- the Metal kernel ---------------------------------------------------------------------------
@@ -265,11 +288,18 @@ def run_checks(
 ) -> dict:
     """Everything ``mtp-mlx check`` reports, as a JSON-ready dict: MLX version and device, the
     kernel self-test, wide-verify exactness of the loaded target and of each of ``variants``
-    (see ``load_variant``), and ``costs`` (the stored draft-policy state, if any)."""
+    (see ``load_variant``), and ``costs`` (the stored draft-policy state, if any).
+
+    The loaded target is always checked afresh, and its verdict replaces the stored one that
+    engine start-ups reuse (``stored_speculation_gate``)."""
+    from . import tuning
+
     kernel = kernel_self_test()
     backend = attn_backend if kernel.ok else "reference"
     exactness = [wide_verify_exact(pair.target, label=f"loaded ({describe_target(pair.target)})",
                                    attn_backend=backend)]
+    # always checked afresh above; the verdict replaces the one engine start-ups reuse
+    stored = tuning.save_exactness(pair.target, pair.target_path, backend, exactness[0].ok, exactness[0].message)
     for v in variants:
         exactness.append(wide_verify_exact(load_variant(pair.target_path, v), label=v, attn_backend=backend))
     return {
@@ -280,6 +310,7 @@ def run_checks(
         "kernel": asdict(kernel),
         "attn_backend": backend,
         "exactness": [asdict(r) for r in exactness],
+        "exactness_stored": str(tuning.tuning_file()) if stored else None,
         "costs": costs,
     }
 
@@ -299,6 +330,8 @@ def format_report(report: dict) -> str:
     exact = all(r["status"] != "fail" for r in report["exactness"][:1])
     lines.append("speculation: " + ("on (greedy output equals the target alone)" if exact else
                                     "greedy speculation declined on this device for the loaded target"))
+    if report.get("exactness_stored"):
+        lines.append(f"stored this verdict in {report['exactness_stored']}: engine start-ups reuse it")
     costs = report.get("costs")
     if not costs:
         lines.append("stored costs: none (they are measured while decoding)")
@@ -348,4 +381,5 @@ def check(
 
 
 __all__ = ["CHECK_DRAFTS", "CheckResult", "VARIANTS", "check", "describe_target", "format_report",
-           "kernel_self_test", "load_variant", "run_checks", "speculation_gate", "wide_verify_exact"]
+           "gate_line", "kernel_self_test", "load_variant", "run_checks", "speculation_gate",
+           "stored_speculation_gate", "wide_verify_exact"]

@@ -5,13 +5,22 @@ plus no drafter (K = 0) and ``auto``, warm-up first, then the median of several 
 ``auto`` runs share one draft-length policy, whose measured round costs and acceptance are
 stored per (machine, MLX version, pair, quantization) in the tuning store; ``generate``
 and ``serve`` start their policy from them (and ``generate`` stores what it learnt back).
+
+The store also keeps the load-time exactness verdict (``mtp_mlx.checks``) per checkpoint,
+software and machine (``exactness_key``), so a second start-up skips that check.
 """
 
 import csv
+import functools
+import hashlib
 import json
 import os
 import platform
+import stat
 import statistics
+import tempfile
+import time
+from importlib import metadata
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -56,18 +65,29 @@ def policy_key(pair) -> str:
 
 
 def _read_store(path: Path) -> dict:
+    """The store, or {} when it is missing, unreadable or corrupt (it only holds what can be
+    measured again)."""
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     return data if isinstance(data, dict) else {}
 
 
 def _write_store(path: Path, data: dict) -> None:
+    """Write atomically: a temporary file of its own (two processes may save at once), then
+    ``os.replace``, so a reader sees the old store or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o644  # mkstemp's is 0o600
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data, indent=2))
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def load_policy_prior(pair, path: Optional[Path] = None) -> Optional[dict]:
@@ -80,6 +100,140 @@ def save_policy_prior(pair, state: dict, path: Optional[Path] = None) -> None:
     data = _read_store(path)
     data.setdefault("policy", {})[policy_key(pair)] = state
     _write_store(path, data)
+
+
+# ---- the stored exactness verdict ----------------------------------------------------------------
+
+EXACTNESS_ENTRIES = 64  # the store keeps this many verdicts, newest first (old keys never match again)
+
+
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """A hash of the source of everything that computes a verify or a decode step (models, ops,
+    cache, limits, the check itself) and of the Metal kernel: editing any of it re-runs the check."""
+    root = Path(__file__).resolve().parent
+    files = sorted([*root.glob("models/*.py"), *root.glob("ops/*.py"), *root.glob("cache/*.py"),
+                    root / "checks.py", root / "limits.py"])
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    from .errors import MtpError
+    from .ops.attention import kernel_source
+
+    try:
+        h.update("\0".join(kernel_source()).encode())
+    except MtpError:  # no kernel source installed: the Metal backend cannot run, nothing to hash
+        h.update(b"no kernel")
+    return h.hexdigest()[:16]
+
+
+def checkpoint_fingerprint(target_path) -> str:
+    """The resolved folder plus name, size and mtime of its config.json and weight files: a
+    re-download, re-conversion or edit in place changes it, without reading any weights."""
+    from .loading.weights import weight_files
+
+    folder = Path(target_path).resolve()
+    files = [folder / "config.json", *weight_files(folder)]
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files.append(index)
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return f"{folder}|{h.hexdigest()[:16]}"
+
+
+def weights_format(target) -> str:
+    """The weights as loaded: dtype and quantization (``dtype=`` at load changes it), every
+    parameter dtype, and how many CPU threads products are split across."""
+    from mlx.utils import tree_flatten
+
+    from .checks import describe_target
+    from .ops.matmul import threads
+
+    dtypes = sorted({str(v.dtype).replace("mlx.core.", "") for _, v in tree_flatten(target.parameters())})
+    return f"{describe_target(target)} [{','.join(dtypes)}] x{threads(target)}"
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "-"
+
+
+def exactness_key(target, target_path, attn_backend: str) -> str:
+    """Everything the exactness verdict depends on; any change gives a new key, so the check runs again."""
+    import mlx.core as mx
+
+    parts = [
+        machine_id(),  # another machine has another CPU/GPU, whose kernels may round differently
+        f"mlx {mx.__version__}",  # MLX picks and implements the kernels (e.g. qmv_wide for 2+ rows)
+        f"mlx-lm {_version('mlx-lm')}",  # MoE targets run mlx-lm's SwitchGLU
+        str(mx.default_device()),  # the CPU and GPU backends are different code
+        checkpoint_fingerprint(target_path),  # other weights or another architecture/config
+        weights_format(target),  # a dtype override or quantization changes the matmul kernels
+        f"attention {attn_backend}",  # the Metal kernel and the reference sum in different orders
+        f"code {code_fingerprint()}",  # our own forward or check changed
+    ]
+    return " | ".join(parts)
+
+
+def _safe_key(target, target_path, attn_backend: str) -> Optional[str]:
+    """The key, or None when the verdict must be neither read nor stored, so the check simply
+    runs: the key cannot be computed (a weight file vanished, an unreadable folder), or the
+    target is split across processes (``mtp_mlx.distributed``: its forward runs collectives, so
+    every rank must run the check together, and a rank that found a stored verdict while
+    another did not would leave that one waiting)."""
+    from .distributed.tensor import is_sharded
+    from .errors import MtpError
+    from .models.gemma4_text import Model
+
+    if not isinstance(target, Model) or is_sharded(target):
+        return None
+    try:
+        return exactness_key(target, target_path, attn_backend)
+    except (OSError, MtpError):
+        return None
+
+
+def load_exactness(target, target_path, attn_backend: str, path: Optional[Path] = None) -> Optional[dict]:
+    """The stored verdict ``{"exact", "message", "stored"}`` for this target, software and machine,
+    or None (none stored, or the store is unreadable or corrupt: the caller runs the check)."""
+    key = _safe_key(target, target_path, attn_backend)
+    if key is None:
+        return None
+    entries = _read_store(path or tuning_file()).get("exactness")
+    entry = entries.get(key) if isinstance(entries, dict) else None
+    if not (isinstance(entry, dict) and isinstance(entry.get("exact"), bool)
+            and isinstance(entry.get("message"), str) and isinstance(entry.get("stored"), str)):
+        return None
+    return entry
+
+
+def save_exactness(target, target_path, attn_backend: str, exact: bool, message: str,
+                   path: Optional[Path] = None) -> bool:
+    """Store a verdict (pass or fail) with its one-line message. False when it could not be
+    written (a read-only home, a full disk): the verdict is then just not remembered."""
+    key = _safe_key(target, target_path, attn_backend)
+    if key is None:
+        return False
+    path = path or tuning_file()
+    if path.exists() and not os.access(path, os.R_OK):
+        return False  # never replace a store we cannot read: it may hold stored costs
+    data = _read_store(path)
+    entries = data.get("exactness")
+    entries = entries if isinstance(entries, dict) else {}
+    entries.pop(key, None)
+    entries[key] = {"exact": exact, "message": message,
+                    "stored": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    data["exactness"] = dict(list(entries.items())[-EXACTNESS_ENTRIES:])  # insertion order: newest last
+    try:
+        _write_store(path, data)
+    except OSError:
+        return False
+    return True
 
 
 def _one_run(pair, prompts, k, max_tokens, policy=None) -> Dict:

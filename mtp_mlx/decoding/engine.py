@@ -124,10 +124,12 @@ def bare_pair(target, drafter=None, tokenizer=None, eos_ids: Sequence[int] = ())
 _EXACT: Dict[int, Dict[str, Tuple[bool, str]]] = {}  # id(target) -> {backend: (exact, line)}
 
 
-def exactness(target, attention: str, forward=None) -> Tuple[bool, str]:
+def exactness(target, attention: str, forward=None, target_path=None) -> Tuple[bool, str]:
     """Whether a K+1-wide verify rounds exactly like one-token decoding for this target and
-    backend (checked once per loaded target and backend; ``mtp_mlx.checks``)."""
-    from ..checks import speculation_gate
+    backend (checked once per loaded target and backend; ``mtp_mlx.checks``). A target loaded
+    from ``target_path`` also keeps its verdict in the tuning store, so the next start-up of
+    the same checkpoint on the same machine and software skips the check."""
+    from ..checks import speculation_gate, stored_speculation_gate
 
     if forward is not None:  # an injected forward (tests): never cached
         return speculation_gate(SimpleNamespace(target=target), attn_backend=attention, forward=forward)
@@ -136,7 +138,8 @@ def exactness(target, attention: str, forward=None) -> Tuple[bool, str]:
         weakref.finalize(target, _EXACT.pop, id(target), None)  # models are unhashable dicts
     per = _EXACT[id(target)]
     if attention not in per:
-        per[attention] = speculation_gate(SimpleNamespace(target=target), attn_backend=attention, forward=forward)
+        per[attention] = (stored_speculation_gate(target, target_path, attn_backend=attention) if target_path
+                          else speculation_gate(SimpleNamespace(target=target), attn_backend=attention))
     return per[attention]
 
 
@@ -187,7 +190,9 @@ class Engine:
                 self.notices.append(f"{line}; using the reference attention instead")
         self.greedy_exact = True
         if self.drafter is not None:
-            self.greedy_exact, line = exactness(self.target, attention, exactness_forward)
+            # in-memory pairs (bare_pair) have no checkpoint path: their verdict is not stored
+            self.greedy_exact, line = exactness(self.target, attention, exactness_forward,
+                                                getattr(pair, "target_path", None))
             if not self.greedy_exact:
                 self.notices.append(line)
         self.batch = Batch(self.target, self.drafter, position=position, attention=attention, fused_ops=fused_ops)
