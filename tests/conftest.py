@@ -46,3 +46,18 @@ def fixtures() -> Path:
 @pytest.fixture(scope="session")
 def fixtures_dir(fixtures) -> Path:
     return fixtures
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_tuning_store(tmp_path_factory):
+    """The suite never reads or writes the user's tuning store (``~/.cache/mtp-mlx``): stored
+    exactness verdicts and policy costs from earlier runs would make a run depend on what ran
+    before it. One store per session (processes the tests start inherit it); tests that need
+    their own set ``MTP_MLX_HOME`` themselves."""
+    old = os.environ.get("MTP_MLX_HOME")
+    os.environ["MTP_MLX_HOME"] = str(tmp_path_factory.mktemp("mtp-mlx-home"))
+    yield
+    if old is None:
+        os.environ.pop("MTP_MLX_HOME", None)
+    else:
+        os.environ["MTP_MLX_HOME"] = old

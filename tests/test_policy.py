@@ -242,11 +242,17 @@ def test_the_guard_parks_a_model_that_is_wrong():
     sim = Sim(policy, steep)
     sim.rows = {1: 0.4}
     sim.run(40)
-    assert round_k(sim.plans[:20]).count(0) == 0  # the model drafts
+    ks = round_k(sim.plans)
+    assert ks[:20].count(0) == 0  # the model drafts
+    # The plain round was never timed in this process, so before parking the guard re-measures
+    # it: three plain rounds, then one drafting round to decide on, then the park.
+    first = ks.index(0)
+    assert first == 32 and ks[first:first + 3] == [0, 0, 0] and ks[first + 3] > 0
+    assert policy.summary()["refresh_rounds"] == 3
     summary = policy.summary()
     assert summary["guard_trips"] == 1
-    trip = next(i for i in range(40) if round_k(sim.plans)[i] == 0)
-    assert trip <= 33
+    trip = first + 4
+    assert ks[trip:] == [0] * (40 - trip)
     sim.run(1)
     if round_k(sim.plans)[-1] == 0:
         assert "parked by the guard" in policy.summary()["reason"]
@@ -255,9 +261,10 @@ def test_the_guard_parks_a_model_that_is_wrong():
     assert sum(k > 0 for k in ks[trip:trip + 64]) <= 3  # parked for the back-off, probes aside (8, 16, 32)
     # the model still insists, so the guard trips again after 32 drafting rounds, and parks twice as long
     assert policy.summary()["guard_trips"] >= 2
-    second = next(i for i in range(trip + 64, len(ks)) if ks[i] == 0)
+    second = next(i for i in range(trip + 33, len(ks)) if ks[i] == 0 and all(k > 0 for k in ks[i - 32:i]))
     assert 64 + 32 - 2 <= second - trip <= 64 + 32 + 2
-    assert sum(k > 0 for k in ks[second:second + 128]) <= 4
+    assert ks[second:second + 4] == [0, 0, 0, 8]  # the plain round was last timed before the window: re-measured
+    assert sum(k > 0 for k in ks[second + 4:second + 4 + 128]) <= 4
     assert policy.summary()["parked_fraction"] > 0.6
 
 
@@ -367,3 +374,33 @@ def test_stalls_while_drafting_do_not_trip_the_guard():
     sim.run(400)
     assert sim.policy.summary()["guard_trips"] == 0
     assert sum(k > 0 for k in round_k(sim.plans)[50:]) >= 340
+
+
+def test_a_machine_that_slows_down_while_drafting_does_not_trip_the_guard():
+    """Drafting pays about 1.35x plain. From round 120 the machine runs 1.45x slower, plain
+    decoding as much as drafting. The plain round was last timed before that, so a guard that
+    trusted that time would see drafting at about 0.94x plain and park for 32 rounds (checked
+    below by disabling the re-measure); instead it re-measures the plain round (three plain
+    rounds) and keeps drafting."""
+    def run(refresh):
+        sim = Sim(DraftPolicy(probe_first=10_000, probe_max=10_000), steep, seed=4)
+        sim.rows = {0: 0.8}
+        sim.stalls = {r: 1.45 for r in range(120, 600)}
+        if not refresh:
+            original = sim.policy._guard_step
+
+            def no_refresh(bucket, state, *a):
+                state.refreshed = True  # as if this episode had already re-measured
+                return original(bucket, state, *a)
+
+            sim.policy._guard_step = no_refresh
+        sim.run(600)
+        return sim
+
+    with_refresh, without = run(True), run(False)
+    assert without.policy.summary()["guard_trips"] >= 1
+    assert round_k(without.plans)[120:].count(0) >= 32
+    s = with_refresh.policy.summary()
+    assert s["guard_trips"] == 0 and s["refresh_rounds"] == 3
+    assert round_k(with_refresh.plans)[120:].count(0) <= 6
+    assert with_refresh.tokens / with_refresh.time > without.tokens / without.time

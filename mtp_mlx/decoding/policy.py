@@ -42,7 +42,11 @@ The model
   slows plain decoding as much, so it must not trip the guard). Below
   ``1 - guard_epsilon`` the bucket is parked for ``guard_backoff`` rounds (doubling on each
   consecutive trip, to ``guard_backoff_max``; reset by a window that passes), whatever the model
-  says: this catches a cost or acceptance model that is wrong.
+  says: this catches a cost or acceptance model that is wrong. ``C[b][0]`` is taken at the time
+  of the decision. If plain rounds were last timed before the window began (the bucket has been
+  drafting), the machine may have slowed down since, plain decoding as much as drafting: the
+  guard first runs three plain rounds (the first without the overlap, the next two cost
+  samples) and then decides against the median of the latest three plain times.
 
 Worst-case loss against plain decoding
 --------------------------------------
@@ -54,7 +58,8 @@ the guard back-off have reached their caps, the fraction of time lost to plain d
     loss <= eps + (r1 - 1) / P + W (rho - 1) / (W rho + G)
 
 (drafting windows that pass the guard; one probe per P parked rounds; a model that keeps
-insisting on a losing depth drafts W rounds per G parked rounds). With the defaults
+insisting on a losing depth drafts W rounds per G parked rounds, W + 1 when a re-measure of the
+plain round comes first: its three plain rounds lose nothing). With the defaults
 (eps = 0.02, P = 512, W = 32, G = 2048) and r1 = 1.5, rho = 2 that is
 0.02 + 0.001 + 0.015 = 3.6 %; when the model's estimates hold (no guard trips) it is
 2.1 %. Warm-up adds a one-off cost per (process, bucket): two plain rounds to measure
@@ -100,6 +105,7 @@ class _Cost:
     samples: int = 0  # samples in the estimate (0 = unmeasured)
     seen: int = 0  # samples offered in this process (the first is dropped)
     recent: Deque[float] = field(default_factory=lambda: collections.deque(maxlen=3))
+    last: int = -1  # the policy's round count when the latest sample entered ``recent``
 
 
 @dataclass
@@ -128,7 +134,9 @@ class _Bucket:
     since_probe: int = 0
     probing: bool = False  # the current round is a probe
     choice_before_probe: int = 0
-    guard: Deque[Tuple[float, float]] = field(default_factory=collections.deque)  # (plain-equivalent s, s)
+    guard: Deque[Tuple[float, float, int]] = field(default_factory=collections.deque)  # (tokens/row, s, round)
+    refresh: int = 0  # plain rounds still to run to re-measure the plain round before the guard decides
+    refreshed: bool = False  # this guard episode already asked for a re-measure
     guard_until: int = 0  # round number until which the guard keeps the bucket parked
     guard_backoff: int = 0
     after_probe: Optional[int] = None  # the choice a probe just left (until the next plan)
@@ -216,6 +224,7 @@ class DraftPolicy:
         self._parked_rounds = 0
         self._probes = 0
         self._guard_trips = 0
+        self._refresh_rounds = 0
         self._reason = "no round yet"
         if prior:
             self._load(prior)
@@ -321,6 +330,7 @@ class DraftPolicy:
         c.seen += 1
         if c.seen == 1 and c.samples == 0:
             return  # the first round at a new shape pays for compilation and warm-up
+        c.last = self._round
         if c.samples == 0:
             c.estimate, c.samples = seconds, 1
             c.recent.append(seconds)
@@ -371,6 +381,15 @@ class DraftPolicy:
         state.incumbent = ch.k
         choice = ch.layout
         guarded = self._round < state.guard_until
+        if state.refresh > 0:
+            state.refresh -= 1
+            plain = {u: (k if u in fixed else 0) for u, k in choice.items()}
+            if not any(plain.values()):
+                self._planned_parked = True
+                self._refresh_rounds += 1
+                self._reason = "re-measuring the plain round before the guard decides"
+                return plain
+            state.refresh = 0  # a row with a fixed K drafts: no plain round to measure
         if guarded:
             choice = {u: (k if u in fixed else 0) for u, k in choice.items()}
         depth = max(choice[u] for u in ch.auto)
@@ -395,6 +414,8 @@ class DraftPolicy:
         bucket = bucket_of(batch_size)
         state = self._buckets.get(bucket)
         if state is None or self._cost(bucket, 0) is None:
+            return False
+        if state.refresh > 0:  # the re-measure's next plain round
             return False
         guarded = self._round < state.guard_until
         choice = state.incumbent if state.after_probe is None else state.after_probe
@@ -514,8 +535,8 @@ class DraftPolicy:
             self._prior_seen[j] += 1
 
     def _guard_step(self, bucket: int, state: _Bucket, tokens_per_row: float, seconds: float, k: int) -> None:
-        plain = self._cost(bucket, 0)
-        if plain is None or seconds <= 0:
+        c0 = self._costs.get(bucket, {}).get(0)
+        if c0 is None or not c0.samples or seconds <= 0:
             return
         # A stall (another process, the OS) would slow plain decoding as much: a round counts at
         # most cost_clip[1] x the median of the latest raw times of rounds like it (not the
@@ -523,20 +544,33 @@ class DraftPolicy:
         c = self._costs.get(bucket, {}).get(k)
         if c is not None and c.recent:
             seconds = min(seconds, self.cost_clip[1] * statistics.median(c.recent))
-        state.guard.append((tokens_per_row * plain, seconds))
+        state.guard.append((tokens_per_row, seconds, self._round))
         if len(state.guard) > self.guard_window:
             state.guard.popleft()
         if len(state.guard) < self.guard_window:
             return
-        ratio = sum(p for p, _ in state.guard) / sum(s for _, s in state.guard)
+        # The plain round it compares with: measured since the window began (a re-measure), the
+        # median of the latest three raw times (the machine as it is now, robust to one stall);
+        # else the smoothed estimate.
+        fresh = c0.last >= state.guard[0][2] and len(c0.recent) == c0.recent.maxlen
+        plain = statistics.median(c0.recent) if fresh else c0.estimate
+        ratio = sum(t for t, _, _ in state.guard) * plain / sum(s for _, s, _ in state.guard)
         if ratio >= 1 - self.guard_epsilon:
             state.guard_backoff = self.guard_backoff_first
+            state.refreshed = False
+            return
+        if not fresh and not state.refreshed:
+            # Plain rounds were last timed before this window: a machine that slowed down since
+            # would make drafting look worse than it is. Re-measure (three plain rounds: the
+            # first runs without the overlap, the next two are cost samples), then decide.
+            state.refresh, state.refreshed = 3, True
             return
         state.guard_until = self._round + state.guard_backoff
         self._reason = (f"guard: drafting ran at {ratio:.2f}x plain speed over the last {self.guard_window} "
                         f"drafting rounds; parked for {state.guard_backoff} rounds")
         state.guard_backoff = min(2 * state.guard_backoff, self.guard_backoff_max)
         state.guard.clear()
+        state.refreshed = False
         state.incumbent = 0
         self._guard_trips += 1
 
@@ -568,6 +602,7 @@ class DraftPolicy:
             "parked_fraction": self._parked_rounds / rounds if rounds else 0.0,
             "probes": self._probes,
             "guard_trips": self._guard_trips,
+            "refresh_rounds": self._refresh_rounds,
             "reason": self._reason() if callable(self._reason) else self._reason,
         }
 
