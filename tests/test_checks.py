@@ -99,8 +99,8 @@ def test_only_the_prefill_being_wide_is_not_a_false_alarm(pair):
         calls.append(ids.shape[1])
         return pair.target(ids, cache, attn_backend="reference")
 
-    result = wide_verify_exact(pair.target, forward=forward, drafts=(2,), prefill=5)
-    assert calls == [5, 5, 3, 1, 1, 1]
+    result = wide_verify_exact(pair.target, forward=forward, drafts=(2, 1), prefill=5)
+    assert calls == [5, 3, 1, 1, 1, 2, 1, 1]  # one shared prefill, then per K a wide forward and its steps
     assert result.status == "pass"
 
 

@@ -550,9 +550,9 @@ class DraftPolicy:
         if len(state.guard) < self.guard_window:
             return
         # The plain round it compares with: measured since the window began (a re-measure), the
-        # median of the latest three raw times (the machine as it is now, robust to one stall);
-        # else the smoothed estimate.
-        fresh = c0.last >= state.guard[0][2] and len(c0.recent) == c0.recent.maxlen
+        # median of the latest raw times (three at most: the machine as it is now, robust to one
+        # stall); else the smoothed estimate.
+        fresh = c0.last >= state.guard[0][2] and len(c0.recent) >= 2
         plain = statistics.median(c0.recent) if fresh else c0.estimate
         ratio = sum(t for t, _, _ in state.guard) * plain / sum(s for _, s, _ in state.guard)
         if ratio >= 1 - self.guard_epsilon:
