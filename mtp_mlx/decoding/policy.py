@@ -381,17 +381,18 @@ class DraftPolicy:
         state.incumbent = ch.k
         choice = ch.layout
         guarded = self._round < state.guard_until
+        if state.refresh > 0 or guarded:
+            fixed_only = {u: (k if u in fixed else 0) for u, k in choice.items()}  # automatic rows parked
         if state.refresh > 0:
             state.refresh -= 1
-            plain = {u: (k if u in fixed else 0) for u, k in choice.items()}
-            if not any(plain.values()):
+            if not any(fixed_only.values()):
                 self._planned_parked = True
                 self._refresh_rounds += 1
                 self._reason = "re-measuring the plain round before the guard decides"
-                return plain
+                return fixed_only
             state.refresh = 0  # a row with a fixed K drafts: no plain round to measure
         if guarded:
-            choice = {u: (k if u in fixed else 0) for u, k in choice.items()}
+            choice = fixed_only
         depth = max(choice[u] for u in ch.auto)
         state.since_probe += 1
         if state.since_probe >= state.probe_interval:
