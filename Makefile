@@ -40,7 +40,7 @@ tune:
 	$(BIN)/mtp-mlx tune --out tuning
 
 bench:
-	$(BIN)/python scripts/bench.py --model mtp_mlx/demo/target --drafter mtp_mlx/demo/assistant
+	$(BIN)/python scripts/bench.py --pair mtp_mlx/demo/target:mtp_mlx/demo/assistant
 
 lint:
 	$(BIN)/pip install -q ruff
