@@ -142,3 +142,55 @@ def test_steady_rounds_and_look_ahead(agree):
         toks += b.step({0: k}, look_ahead=look)[0].tokens
         assert b.steady == steady, (k, look)
     assert toks == plain(t, prompt, len(toks))
+
+
+@pytest.fixture(scope="module")
+def demo():
+    """The bundled trained pair: its drafter's confidence is informative (random fixtures'
+    drafters are near-uniform), so cuts land between 0 and K."""
+    from mtp_mlx.demo import DEMO_DRAFTER, DEMO_TARGET
+
+    return load(str(DEMO_TARGET), str(DEMO_DRAFTER))
+
+
+def test_cutting_on_drafter_confidence_keeps_greedy_output(demo):
+    """Rounds that cut each row's drafts before its first draft below p_min, two rows at once:
+    the tokens are plain decoding's, each row keeps what its own confidences allow (the verify
+    is as wide as the longest), and p_min above 1 keeps nothing (a verify of the bonus alone)."""
+    from mtp_mlx.decoding.batch import Batch, RowSpec
+
+    t, d = demo.target, demo.drafter
+    prompts = [demo.tokenizer.encode("class LinkedList:\n    def __init__(self):\n"),
+               demo.tokenizer.encode("import os\n\n\ndef walk_tree(root):\n")]
+    for p_min in (0.6, 1.01):
+        b = Batch(t, d)
+        for i, p in enumerate(prompts):
+            b.insert(RowSpec(i, list(p)))
+        toks = {u: o.tokens for u, o in b.step().items()}
+        kept = []
+        while min(len(v) for v in toks.values()) < 40:
+            outs = b.step({0: 4, 1: 4}, cut=p_min)
+            assert b.cut
+            for u, o in outs.items():
+                toks[u] += o.tokens
+                assert o.accepted <= o.drafted <= 4
+                kept.append(o.drafted)
+        for u, p in enumerate(prompts):
+            n = len(toks[u])
+            assert toks[u] == plain(t, list(p), n), (p_min, u)
+        if p_min > 1:
+            assert set(kept) == {0}
+        else:
+            assert any(0 < k < 4 for k in kept) and len(set(kept)) >= 2, kept
+
+
+def test_cut_is_ignored_by_sampled_rounds(demo):
+    """Sampled rows draft uncut (their drafts are draws, not the drafter's argmax)."""
+    from mtp_mlx.decoding.batch import Batch, RowSpec
+    from mtp_mlx.sampling import SamplingConfig
+
+    b = Batch(demo.target, demo.drafter)
+    b.insert(RowSpec(0, demo.tokenizer.encode("def f(x):\n"), SamplingConfig(temperature=0.8), seed=3))
+    b.step()
+    out = b.step({0: 3}, cut=0.99)[0]
+    assert not b.cut and out.drafted == 3

@@ -271,3 +271,40 @@ def test_prefix_cache_second_turn_reuses_the_first_and_equals_a_cold_run(agree):
     events = [ev for ev in other.run() if ev.uid == uid]
     assert events[-1].stats.cached_tokens == 0
     assert [t for ev in events for t in ev.tokens] == plain(agree.target, fork, 10)
+
+
+def test_auto_rounds_that_cut_on_confidence_keep_greedy_output():
+    """The engine end to end with a policy whose every drafting round cuts (the trained demo
+    pair, whose drafter's confidence varies): the tokens are plain decoding's, the policy is
+    told what each row planned and kept, and the statistics record the drafts kept."""
+    from mtp_mlx.decoding.engine import generate_ids
+    from mtp_mlx.decoding.policy import DraftPolicy
+    from mtp_mlx.demo import DEMO_DRAFTER, DEMO_TARGET
+
+    class AlwaysCut(DraftPolicy):
+        def __init__(self):
+            super().__init__(max_draft=8)
+            self.seen = []
+
+        def cut(self):
+            return 0.6
+
+        def observe(self, ks, accepted, seconds, held_out=(), planned_ks=None):
+            self.seen.append((dict(ks), planned_ks))
+            super().observe(ks, accepted, seconds, held_out, planned_ks)
+
+    pair = load(str(DEMO_TARGET), str(DEMO_DRAFTER))
+    prompts = [pair.tokenizer.encode("class LinkedList:\n    def __init__(self):\n"),
+               pair.tokenizer.encode("def binary_search(items, target):\n")]
+    policy = AlwaysCut()
+    engine = Engine(pair, max_batch=2, policy=policy)
+    got = generate_ids(engine, prompts, max_tokens=40, num_draft="auto")
+    plain_engine = Engine(pair, use_drafter=False)
+    want = generate_ids(plain_engine, prompts, max_tokens=40)
+    assert [t for t, _ in got] == [t for t, _ in want]
+    cut = [(ks, planned) for ks, planned in policy.seen if planned is not None]
+    assert cut, "no round cut"
+    assert all(ks[u] <= planned[u] for ks, planned in cut for u in ks)
+    assert any(ks[u] < planned[u] for ks, planned in cut for u in ks)
+    kept = [k for _, s in got for k in s.ks]
+    assert sum(kept) == sum(s.drafted for _, s in got)

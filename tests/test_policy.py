@@ -404,3 +404,94 @@ def test_a_machine_that_slows_down_while_drafting_does_not_trip_the_guard():
     assert s["guard_trips"] == 0 and s["refresh_rounds"] == 3
     assert round_k(with_refresh.plans)[120:].count(0) <= 6
     assert with_refresh.tokens / with_refresh.time > without.tokens / without.time
+
+
+class CutSim(Sim):
+    """Rounds that may cut on the drafter's confidence. Each draft is accepted with the row's
+    rate; the drafter is confident in an accepted draft with probability ``c_hit`` and in a
+    rejected one with ``c_miss``. A cut round keeps each row's drafts up to its first
+    unconfident one and costs ``cut_cost(batch, planned K, widest kept K)``."""
+
+    def __init__(self, policy, cost, cut_cost, c_hit=0.95, c_miss=0.1, seed=0):
+        super().__init__(policy, cost, seed)
+        self.cut_cost, self.c_hit, self.c_miss = cut_cost, c_hit, c_miss
+        self.cut = []  # per round: whether it cut
+
+    def step(self, caps=None, fixed=None):
+        uids = list(self.rows)
+        ks = self.policy.plan(uids, caps or {u: 8 for u in uids}, fixed=fixed)
+        p_min = self.policy.cut()
+        accepted, kept = {}, {}
+        for u, k in ks.items():
+            draws = []
+            for _ in range(k):
+                ok = self.rng.random() < self.rate(u)
+                draws.append((ok, self.rng.random() < (self.c_hit if ok else self.c_miss)))
+            keep = next((j for j, (_, sure) in enumerate(draws) if not sure), k) if p_min is not None else k
+            accepted[u] = next((j for j, (ok, _) in enumerate(draws[:keep]) if not ok), keep)
+            kept[u] = keep
+        if p_min is None:
+            seconds = self.cost(len(uids), max(ks.values()))
+            self.policy.observe(ks, accepted, seconds)
+        else:
+            seconds = self.cut_cost(len(uids), max(ks.values()), max(kept.values()))
+            self.policy.observe(kept, accepted, seconds, planned_ks=ks)
+        self.cut.append(p_min is not None)
+        self.plans.append(ks)
+        self.time += seconds
+        self.tokens += sum(1 + n for n in accepted.values())
+        self.round += 1
+        return ks
+
+
+def _steep_cut(sync):
+    """A cut round: the planned drafts (4 ms each), a verify as wide as the kept drafts, a sync."""
+    return lambda b, k, kept: (30 + 4 * k + 15 * (kept + 1) + sync) / 1000
+
+
+def _steep_drafting(b, k):  # the same pieces without the sync: 30 + 4 k + 15 (k + 1) ms
+    return (30 + 4 * k + 15 * (k + 1)) / 1000
+
+
+def test_cutting_on_confidence_becomes_the_mode_where_it_pays():
+    """A calibrated drafter and a steep verify: cut rounds skip verify positions that would be
+    rejected, for a 1 ms sync. The policy tries cutting, measures it faster, and keeps cutting."""
+    sim = CutSim(DraftPolicy(), _steep_drafting, _steep_cut(sync=1.0))
+    sim.rows = {1: 0.7}
+    sim.run(600)
+    drafting = [c for c, p in zip(sim.cut[-200:], sim.plans[-200:]) if max(p.values())]
+    assert len(drafting) > 150
+    assert sum(drafting) / len(drafting) > 0.9, sum(drafting)
+    assert sim.policy.summary()["cut_mode"] == {1: True}
+    assert sim.policy.summary()["cut_fraction"] > 0.5
+
+
+def test_cutting_that_does_not_pay_is_only_tried_on_the_back_off_schedule():
+    """Same drafter, but reading the confidences costs 40 ms: cutting is tried in bursts of
+    ``cut_burst`` rounds whose spacing doubles, and never becomes the mode. The run loses
+    little against a policy that never cuts."""
+    sim = CutSim(DraftPolicy(), _steep_drafting, _steep_cut(sync=40.0))
+    sim.rows = {1: 0.7}
+    sim.run(2000)
+    p = sim.policy
+    assert p.summary()["cut_mode"] == {1: False}
+    trials = sum(sim.cut)
+    # bursts of 4 after 16, 32, ..., 512 drafting rounds: at most 4 * 9 rounds in 2000
+    assert 4 <= trials <= 36, trials
+    assert sum(sim.cut[-500:]) <= 8
+    never = CutSim(DraftPolicy(cut_first=0), _steep_drafting, _steep_cut(sync=40.0))
+    never.rows = {1: 0.7}
+    never.run(2000)
+    assert sum(never.cut) == 0
+    assert sim.tokens / sim.time >= 0.97 * never.tokens / never.time
+
+
+def test_cut_rounds_teach_no_acceptance_and_are_no_cost_sample_of_their_k():
+    p = DraftPolicy()
+    p.observe({1: 0}, {1: 0}, 0.01)
+    p.observe({1: 0}, {1: 0}, 0.01)
+    before = (p.acceptance(1), p.cost(1, 3))
+    for _ in range(5):
+        p.plan([1], {1: 3})
+        p.observe({1: 1}, {1: 1}, 0.5, planned_ks={1: 3})  # kept 1 of 3, accepted it, slow round
+    assert (p.acceptance(1), p.cost(1, 3)) == before

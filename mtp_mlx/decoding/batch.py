@@ -8,7 +8,9 @@ round) and ``remove`` rows (they leave before the next forward). ``step(ks)`` ru
 draft k_b tokens per row (the round drafts max k_b; a row's drafts past its own k_b are
 never accepted), verify all rows' chunks in one target forward, accept each row's agreeing
 prefix plus one target token, and roll back each row's rejected rest. One host
-synchronisation per round (marked ``# sync``).
+synchronisation per round (marked ``# sync``), two in a round that cuts its drafts on the
+drafter's confidence (``step(cut=p_min)``: the verify's width must be known on the host
+before its graph is built, so the drafts and their probabilities are read first).
 
 Greedy rows take the target's argmax. Sampled rows draw with Gumbel noise keyed by
 (seed, request, position, purpose) (``mtp_mlx.sampling``): seeded rows use the coupled rule,
@@ -148,6 +150,7 @@ class Batch:
         self.prefilled = False  # whether the latest step also ran a prefill slice
         self.steady = False  # whether the latest step ran as a round among rounds like it (see step)
         self._joined: Optional[tuple] = None  # (rows, cache, bonus, hidden) merged at the next boundary
+        self.cut = False  # whether the latest step read the drafter's confidence before verifying
 
     # ---- membership ----------------------------------------------------------------------
     @property
@@ -210,9 +213,16 @@ class Batch:
         return dict(zip(self.uids, self.cache.offsets)) if self.rows else {}
 
     # ---- one round ------------------------------------------------------------------------
-    def step(self, ks: Optional[Dict[int, int]] = None, look_ahead: bool = True) -> Dict[int, RowOut]:
+    def step(self, ks: Optional[Dict[int, int]] = None, look_ahead: bool = True,
+             cut: Optional[float] = None) -> Dict[int, RowOut]:
         """One round; ``ks[uid]`` = that row's draft length (missing = 0). Returns what each
         row got: running rows one round's tokens, a row whose prefill finished its first token.
+
+        ``cut``: a probability p_min. Each row's drafts are then cut before the first one the
+        drafter gives a probability below p_min, and the verify is as wide as the longest
+        row's kept drafts (a row's ``RowOut.drafted`` is what it kept). Greedy rounds only
+        (rows with processors or sampling draft uncut); ``self.cut`` tells whether it ran.
+        Any cut is lossless: the target verifies whatever prefix of the drafts it is given.
 
         ``look_ahead``: in a plain round, queue the next plain round's forward before the sync
         (pass False when the next round will draft: the queued forward would be thrown away).
@@ -223,6 +233,7 @@ class Batch:
         ks = ks or {}
         out: Dict[int, RowOut] = {}
         lazy: list = []
+        self.cut = False
         plain = bool(self.rows) and not any(ks.get(r.uid, 0) for r in self.rows)
         round_ = None
         self.steady = not plain or not self._can_look_ahead()
@@ -237,7 +248,7 @@ class Batch:
                 self._drop_ahead()
                 self.steady = False
         if round_ is None and self.rows:
-            round_ = self._round(ks, lazy)
+            round_ = self._round(ks, lazy, cut)
         prefilled = self._prefill_slice(lazy, idle=round_ is None)
         if plain and look_ahead and round_ is not None and self._can_look_ahead():
             # Plain decoding: queue the next round's forward now, so the device works on it
@@ -262,7 +273,7 @@ class Batch:
             self._ahead = None
             self.cache.trim(1)
 
-    def _round(self, ks: Dict[int, int], lazy: list):
+    def _round(self, ks: Dict[int, int], lazy: list, cut: Optional[float] = None):
         rows, B = self.rows, len(self.rows)
         kb = [max(0, min(int(ks.get(r.uid, 0)), MAX_DRAFT)) for r in rows]
         K = max(kb)
@@ -274,7 +285,15 @@ class Batch:
             drafts = mx.zeros((B, 0), mx.int32)
             q = mx.zeros((B, 0, 1))
         elif greedy and not any(r.processors for r in rows):
-            drafts = self._draft_greedy(K)
+            if cut is not None:
+                drafts, conf = self._draft_greedy(K, confidence=True)
+                mx.eval(drafts, conf)  # sync: a cutting round's first; the verify's width depends on it
+                kb = [min(k, _confident(c, cut)) for k, c in zip(kb, conf.tolist())]
+                K = max(kb)
+                drafts = drafts[:, :K]
+                self.cut = True
+            else:
+                drafts = self._draft_greedy(K)
         else:
             drafts, q = self._draft_sampled(K, kb, P)
         if K:
@@ -321,15 +340,21 @@ class Batch:
         self.bonus, self.hidden = nxt[:, None], hidden
         return out
 
-    def _draft_greedy(self, K: int) -> mx.array:
+    def _draft_greedy(self, K: int, confidence: bool = False):
+        """Drafts [B, K]; with ``confidence`` also the drafter's probability of each [B, K]."""
         ctx = draft_context(self.cache, self.window, self.position)
-        token, hidden, out = self.bonus, self.hidden, []
+        token, hidden, out, probs = self.bonus, self.hidden, [], []
         for _ in range(K):
             hd, hidden = self.drafter(self.target.embed(token), hidden, ctx.kv, ctx.q_pos, ctx.masks, self.attention,
                                          fused_ops=self.fused_ops)
-            token = self.drafter.argmax(hd)  # [B, 1]
+            if confidence:
+                token, p = self.drafter.argmax_confidence(hd)  # [B, 1] each
+                probs.append(p)
+            else:
+                token = self.drafter.argmax(hd)  # [B, 1]
             out.append(token)
-        return mx.concatenate(out, axis=1).astype(mx.int32)
+        drafts = mx.concatenate(out, axis=1).astype(mx.int32)
+        return (drafts, mx.concatenate(probs, axis=1)) if confidence else drafts
 
     def _draft_sampled(self, K: int, kb: List[int], P: List[int]):
         """Drafts [B, K] and q log-probs [B, K, V] (zeros for rows that are not rejection-
@@ -429,6 +454,14 @@ class Batch:
             self.bonus = mx.concatenate([self.bonus, bonus])
             self.hidden = mx.concatenate([self.hidden, hidden])
         return out
+
+
+def _confident(probs: List[float], p_min: float) -> int:
+    """How many leading drafts the drafter gave a probability of at least ``p_min``."""
+    n = 0
+    while n < len(probs) and probs[n] >= p_min:
+        n += 1
+    return n
 
 
 def _groups(rows: List[_Row]) -> List[tuple]:

@@ -280,8 +280,9 @@ class Engine:
         if not self.batch.uids and not self.batch.pending:
             return events
         ks = self._plan()
+        cut = self._cut(ks)
         tic = time.perf_counter()
-        outs = self.batch.step(ks, look_ahead=not self._drafts_next(ks))
+        outs = self.batch.step(ks, look_ahead=not self._drafts_next(ks), cut=cut)
         seconds = time.perf_counter() - tic
         now = time.perf_counter()
         rounds = {u: o for u, o in outs.items() if not o.first}
@@ -292,9 +293,12 @@ class Engine:
                 # not one that also ran a prefill slice, nor the first plain round after drafting
                 # (nothing was queued ahead), nor a drafting round that threw a queued forward away.
                 steady = self.batch.steady and not self.batch.prefilled
+                # A cut round tells the policy what each row planned (only a policy with ``cut``
+                # asks for cuts, so a policy of one's own need not take the argument).
+                cut_of = {"planned_ks": {u: ks.get(u, 0) for u in rounds}} if self.batch.cut else {}
                 self.policy.observe({u: o.drafted for u, o in rounds.items()},
                                     {u: o.accepted for u, o in rounds.items()},
-                                    seconds if steady else None)
+                                    seconds if steady else None, **cut_of)
         if self.prefix.max_bytes > 0:
             for uid, out in outs.items():
                 if out.first:  # a segment boundary: the prompt's K/V, for later prompts that extend it
@@ -333,6 +337,13 @@ class Engine:
             return fixed
         plan = self.policy.plan(uids, caps, fixed)
         return {u: min(int(plan.get(u, 0)), caps[u]) for u in uids}
+
+    def _cut(self, ks: Dict[int, int]) -> Optional[float]:
+        """The policy's confidence cut for this round (rows with a fixed K are never cut)."""
+        if self.policy is None or not any(ks.values()) or any(self._fixed.get(u, 0) for u in ks):
+            return None
+        cut = getattr(self.policy, "cut", None)  # optional in a policy of one's own
+        return cut() if cut is not None else None
 
     def _drafts_next(self, ks: Dict[int, int]) -> bool:
         """Whether the next round will likely draft (then no plain forward is queued ahead):

@@ -3,8 +3,10 @@
 Pure host code: no MLX, no clocks. The engine calls, once per round::
 
     ks = policy.plan(uids, caps)                 # K per row; the round's K is max(ks.values())
+    p_min = policy.cut()                         # None, or cut the drafts on the drafter's confidence
     ... draft, verify, accept ...
     policy.observe(ks, accepted, seconds)        # what happened and how long the round took
+                                                 # (a cut round: ks = drafts kept, planned = ks planned)
     policy.forget(uid)                           # a row left the batch
 
 The model
@@ -48,6 +50,19 @@ The model
   guard first runs three plain rounds (the first without the overlap, the next two cost
   samples) and then decides against the median of the latest three plain times.
 
+* Cutting on the drafter's confidence. A cut round drafts the planned K, reads the drafts'
+  probabilities on the host (a second synchronisation: the verify's width must be known before
+  its graph is built) and verifies each row only up to its first draft below ``cut_p_min``;
+  the verify is as wide as the longest kept run. It saves verify width and costs the overlap
+  of drafting with building the verify. Whether that pays is measured, per bucket, with the
+  same objective: tokens per second of the bucket's recent cut rounds against its recent uncut
+  drafting rounds (``cut_window`` each). Cutting becomes the bucket's mode only when it wins by
+  ``margin``; the mode not in use is re-tried for ``cut_burst`` rounds on a back-off schedule
+  (every ``cut_first`` drafting rounds, doubling to ``cut_max`` while the mode stays the same).
+  Cut rounds teach nothing about acceptance (a kept draft was selected for its confidence, so
+  its acceptance would overstate the uncut rates the depth is chosen by) and are not cost
+  samples of their K; the guard counts them like any drafting round.
+
 Worst-case loss against plain decoding
 --------------------------------------
 Let ``r1 = C[b][1] / C[b][0]`` (a probe round's cost over a plain round's), ``rho = C[b][k] /
@@ -59,7 +74,10 @@ the guard back-off have reached their caps, the fraction of time lost to plain d
 
 (drafting windows that pass the guard; one probe per P parked rounds; a model that keeps
 insisting on a losing depth drafts W rounds per G parked rounds, W + 1 when a re-measure of the
-plain round comes first: its three plain rounds lose nothing). With the defaults
+plain round comes first: its three plain rounds lose nothing). Trials of the losing cut mode
+are drafting rounds too, so the guard bounds them with the rest; against the better mode they
+cost at most ``cut_burst / cut_max`` of the drafting rounds times their extra cost (4 / 512:
+under 1 % even for a trial twice as slow). With the defaults
 (eps = 0.02, P = 512, W = 32, G = 2048) and r1 = 1.5, rho = 2 that is
 0.02 + 0.001 + 0.015 = 3.6 %; when the model's estimates hold (no guard trips) it is
 2.1 %. Warm-up adds a one-off cost per (process, bucket): two plain rounds to measure
@@ -88,6 +106,12 @@ def prior_key(machine: str, mlx_version: str, pair_id: str, quantization: str) -
 def bucket_of(batch_size: int) -> int:
     """Batch-size bucket: the next power of two (1, 2, 3-4 -> 4, 5-8 -> 8, ...)."""
     return 1 << max(0, int(batch_size) - 1).bit_length()
+
+
+def _rate(rounds) -> float:
+    """Tokens per second over (tokens, seconds) pairs."""
+    seconds = sum(s for _, s in rounds)
+    return sum(t for t, _ in rounds) / seconds if seconds > 0 else 0.0
 
 
 def expected_tokens(rates: Sequence[float], k: int) -> float:
@@ -140,6 +164,13 @@ class _Bucket:
     guard_until: int = 0  # round number until which the guard keeps the bucket parked
     guard_backoff: int = 0
     after_probe: Optional[int] = None  # the choice a probe just left (until the next plan)
+    # cutting on the drafter's confidence: recent (tokens, seconds) of cut and uncut drafting rounds
+    cut_rounds: Deque[Tuple[float, float]] = field(default_factory=collections.deque)
+    uncut_rounds: Deque[Tuple[float, float]] = field(default_factory=collections.deque)
+    cut_mode: bool = False  # the bucket's mode: whether its drafting rounds cut
+    cut_interval: int = 0  # drafting rounds between trials of the other mode
+    cut_since: int = 0
+    cut_trial: int = 0  # rounds of the current trial still to run
 
 
 class DraftPolicy:
@@ -187,6 +218,11 @@ class DraftPolicy:
         guard_epsilon: float = 0.02,
         guard_backoff: int = 32,
         guard_backoff_max: int = 2048,
+        cut_p_min: float = 0.75,
+        cut_window: int = 16,
+        cut_first: int = 16,
+        cut_max: int = 512,
+        cut_burst: int = 4,
     ):
         if max_draft < 0:
             raise ValueError(f"max_draft must be >= 0, got {max_draft}")
@@ -208,6 +244,11 @@ class DraftPolicy:
         self.guard_epsilon = guard_epsilon
         self.guard_backoff_first = guard_backoff
         self.guard_backoff_max = guard_backoff_max
+        self.cut_p_min = cut_p_min
+        self.cut_window = cut_window
+        self.cut_first = cut_first
+        self.cut_max = cut_max
+        self.cut_burst = cut_burst
 
         self._costs: Dict[int, Dict[int, _Cost]] = {}
         self._measured_memo: Dict[int, Dict[int, float]] = {}  # _measured per bucket until a cost changes
@@ -225,6 +266,9 @@ class DraftPolicy:
         self._probes = 0
         self._guard_trips = 0
         self._refresh_rounds = 0
+        self._cut_planned = False  # whether the round just planned cuts (``cut()``)
+        self._cut_eligible = False  # whether the cut decision chose the round just planned's mode
+        self._cut_rounds = 0
         self._reason = "no round yet"
         if prior:
             self._load(prior)
@@ -345,7 +389,8 @@ class DraftPolicy:
     # ---- planning ---------------------------------------------------------------------------
     def _bucket(self, bucket: int) -> _Bucket:
         if bucket not in self._buckets:
-            self._buckets[bucket] = _Bucket(probe_interval=self.probe_first, guard_backoff=self.guard_backoff_first)
+            self._buckets[bucket] = _Bucket(probe_interval=self.probe_first, guard_backoff=self.guard_backoff_first,
+                                            cut_interval=self.cut_first)
         return self._buckets[bucket]
 
     def plan(
@@ -367,6 +412,7 @@ class DraftPolicy:
         state = self._bucket(bucket)
         self._planned = (bucket, uids, caps, fixed)
         self._planned_parked = False
+        self._cut_planned = self._cut_eligible = False
         state.probing, state.after_probe = False, None
         ch = self._choose(uids, caps, fixed, bucket)
         if ch is None:
@@ -404,9 +450,44 @@ class DraftPolicy:
                 self._reason = f"probe at K={max(probe.values())} (every {state.probe_interval} rounds; choice K={depth})"
                 return probe
         self._planned_parked = depth == 0
+        if depth > 0 and not guarded and self.cut_first > 0 and not any(choice[u] for u in fixed):
+            self._cut_eligible = True
+            self._cut_planned = self._cut_decision(state)
         # Worded only when asked for (summary): formatting every round costs a parked row's time.
         self._reason = lambda: self._explain(choice, ch, bucket, guarded, state)
         return choice
+
+    def cut(self) -> Optional[float]:
+        """For the round just planned: the drafter probability below which its rows' drafts are
+        cut (``Batch.step(cut=...)``), or None for an uncut round."""
+        return self.cut_p_min if self._cut_planned else None
+
+    def _cut_decision(self, state: _Bucket) -> bool:
+        """Whether this drafting round cuts: the bucket's mode, or the other mode during a trial."""
+        if state.cut_trial > 0:
+            state.cut_trial -= 1
+            return not state.cut_mode
+        state.cut_since += 1
+        if state.cut_since >= state.cut_interval:
+            state.cut_since, state.cut_trial = 0, self.cut_burst - 1
+            return not state.cut_mode
+        return state.cut_mode
+
+    def _cut_step(self, state: _Bucket, cut: bool, tokens: float, seconds: float) -> None:
+        """Feed one drafting round to the cut decision; after a trial, settle the mode."""
+        rounds = state.cut_rounds if cut else state.uncut_rounds
+        rounds.append((tokens, seconds))
+        while len(rounds) > self.cut_window:
+            rounds.popleft()
+        if state.cut_trial > 0 or cut == state.cut_mode:
+            return  # a trial still running, or a round of the mode in use
+        # The trial just ended: compare the two modes' recent tokens per second.
+        enough = min(len(state.cut_rounds), len(state.uncut_rounds)) >= self.cut_burst
+        mode = enough and _rate(state.cut_rounds) > _rate(state.uncut_rounds) * (1 + self.margin)
+        if mode == state.cut_mode:
+            state.cut_interval = min(2 * state.cut_interval, self.cut_max)
+        else:
+            state.cut_mode, state.cut_interval = mode, self.cut_first
 
     def drafts_next(self, batch_size: int) -> bool:
         """Whether the next round of this batch size will likely draft: its bucket's choice is a
@@ -476,7 +557,12 @@ class DraftPolicy:
             return (f"parked: drafting does not pay (best row would commit {best1:.2f} tokens at K=1 for a round "
                     f"{self._cost(bucket, 1) / plain:.2f}x as long as a plain one)")
         ride = f", {len(riders)} of {n} rows ride at K=0" if riders else ""
-        return f"K={k}: {tokens / n:.2f} tokens per row per round, {speedup:.2f}x plain (predicted){ride}"
+        cut = ""
+        if state.cut_mode and state.uncut_rounds:
+            gain = _rate(state.cut_rounds) / _rate(state.uncut_rounds)
+            cut = (f"; drafts cut below drafter probability {self.cut_p_min:.2f} (measured {gain:.2f}x the uncut "
+                   f"rounds' tokens/s)")
+        return f"K={k}: {tokens / n:.2f} tokens per row per round, {speedup:.2f}x plain (predicted){ride}{cut}"
 
     # ---- learning ---------------------------------------------------------------------------
     def observe(
@@ -485,17 +571,21 @@ class DraftPolicy:
         accepted: Dict[int, int],
         seconds: Optional[float],
         held_out: Collection[int] = (),
+        planned_ks: Optional[Dict[int, int]] = None,
     ) -> None:
         """Record a round: each row's K, how many of its drafts the target accepted, and the
         round's wall time (start of the round to the moment its tokens are known; None when the
         round also did other work, such as a prefill slice, and is no cost sample). Rows in
         ``held_out`` (or missing from ``accepted``) count for the cost but teach nothing about
-        acceptance: pass rows whose acceptance was cut by an end-of-sequence or a stop string."""
+        acceptance: pass rows whose acceptance was cut by an end-of-sequence or a stop string.
+        ``planned_ks``: given when the round cut on the drafter's confidence (``Batch.cut``): the
+        K each row planned; ``ks`` is then what each row kept and verified."""
         if not ks:
             return
         batch = len(ks)
         bucket = bucket_of(batch)
-        k_round = max(ks.values())
+        cut = planned_ks is not None
+        k_round = max((planned_ks or ks).values())
         planned = self._planned if self._planned is not None and self._planned[0] == bucket else None
         state = self._bucket(bucket)
         probing = planned is not None and state.probing
@@ -505,18 +595,22 @@ class DraftPolicy:
         if len(self._trace) > TRACE_LIMIT:
             del self._trace[: len(self._trace) - TRACE_LIMIT]
         self._parked_rounds += parked
-        if seconds is not None:
+        self._cut_rounds += cut
+        if seconds is not None and not cut:
             self._record_cost(bucket, k_round, seconds)
         for uid, k in ks.items():
-            if k > 0 and uid in accepted and uid not in held_out:
+            if k > 0 and uid in accepted and uid not in held_out and not cut:
                 self._learn(uid, k, int(accepted[uid]))
+        tokens = sum(1 + min(int(accepted.get(u, 0)), k) for u, k in ks.items())
+        if seconds is not None and k_round > 0 and planned is not None and self._cut_eligible:
+            self._cut_step(state, cut, tokens, seconds)
         # Probes from a parked choice are bounded on their own (one per probe interval).
         if seconds is not None and k_round > 0 and not (probing and state.choice_before_probe == 0):
-            tokens = sum(1 + min(int(accepted.get(u, 0)), k) for u, k in ks.items())
-            self._guard_step(bucket, state, tokens / batch, seconds, k_round)
+            self._guard_step(bucket, state, tokens / batch, seconds, k_round, cut)
         if probing:
             self._after_probe(bucket, state, planned)
         self._planned, self._planned_parked, state.probing = None, False, False
+        self._cut_planned = self._cut_eligible = False
 
     def _learn(self, uid: int, k: int, n_accepted: int) -> None:
         zeros = [0.0] * self.max_draft
@@ -535,16 +629,21 @@ class DraftPolicy:
             self._prior_last[j] = self._round
             self._prior_seen[j] += 1
 
-    def _guard_step(self, bucket: int, state: _Bucket, tokens_per_row: float, seconds: float, k: int) -> None:
+    def _guard_step(self, bucket: int, state: _Bucket, tokens_per_row: float, seconds: float, k: int,
+                    cut: bool = False) -> None:
         c0 = self._costs.get(bucket, {}).get(0)
         if c0 is None or not c0.samples or seconds <= 0:
             return
         # A stall (another process, the OS) would slow plain decoding as much: a round counts at
         # most cost_clip[1] x the median of the latest raw times of rounds like it (not the
         # model's estimate, which may be the thing that is wrong), so one stall cannot trip it.
-        c = self._costs.get(bucket, {}).get(k)
-        if c is not None and c.recent:
-            seconds = min(seconds, self.cost_clip[1] * statistics.median(c.recent))
+        # Rounds like a cut round are the latest cut rounds.
+        recent = [s for _, s in list(state.cut_rounds)[-3:]] if cut else None
+        if not cut:
+            c = self._costs.get(bucket, {}).get(k)
+            recent = list(c.recent) if c is not None else None
+        if recent:
+            seconds = min(seconds, self.cost_clip[1] * statistics.median(recent))
         state.guard.append((tokens_per_row, seconds, self._round))
         if len(state.guard) > self.guard_window:
             state.guard.popleft()
@@ -604,6 +703,8 @@ class DraftPolicy:
             "probes": self._probes,
             "guard_trips": self._guard_trips,
             "refresh_rounds": self._refresh_rounds,
+            "cut_fraction": self._cut_rounds / rounds if rounds else 0.0,
+            "cut_mode": {b: st.cut_mode for b, st in sorted(self._buckets.items())},
             "reason": self._reason() if callable(self._reason) else self._reason,
         }
 

@@ -187,6 +187,23 @@ class Model(nn.Module):
         ids, sel = self.masked_embedding.select(hd, self.model.embed_tokens)
         return mx.take_along_axis(ids, mx.argmax(sel, axis=-1)[..., None], axis=-1)[..., 0]
 
+    def argmax_confidence(self, hd: mx.array) -> Tuple[mx.array, mx.array]:
+        """(greedy token [B, L], its probability [B, L] in float32): the drafter's confidence.
+
+        The probability is that of the distribution ``logits`` describes: the whole vocabulary
+        for the dense head; the selected clusters' candidates for the centroid head (the rest
+        have probability 0), so it costs one log-sum-exp over the candidates already scored."""
+        if not self.cfg.use_ordered_embeddings:
+            sel = self.model.embed_tokens.as_linear(hd)
+            best = mx.argmax(sel, axis=-1)
+        else:
+            ids, sel = self.masked_embedding.select(hd, self.model.embed_tokens)
+            pick = mx.argmax(sel, axis=-1)
+            best = mx.take_along_axis(ids, pick[..., None], axis=-1)[..., 0]
+        sel = sel.astype(mx.float32)
+        p = mx.exp(sel.max(axis=-1) - mx.logsumexp(sel, axis=-1))
+        return best, p
+
     def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
         out = {}
         for name, w in weights.items():
