@@ -194,3 +194,28 @@ def test_cut_is_ignored_by_sampled_rounds(demo):
     b.step()
     out = b.step({0: 3}, cut=0.99)[0]
     assert not b.cut and out.drafted == 3
+
+
+def test_uncut_rounds_report_what_a_cut_would_keep(demo):
+    """``step(confidence=True)`` returns the drafter's probability of each draft at the round's
+    one sync; a cut round from the same state keeps exactly the leading drafts at or above
+    p_min of those probabilities."""
+    from mtp_mlx.decoding.batch import Batch, RowSpec
+
+    prompt = demo.tokenizer.encode("def binary_search(items, target):\n")
+    seen = set()
+    for steps in range(1, 8):
+        a, b = Batch(demo.target, demo.drafter), Batch(demo.target, demo.drafter)
+        for x in (a, b):
+            x.insert(RowSpec(0, list(prompt)))
+            x.step()
+            for _ in range(steps - 1):
+                x.step({0: 2})
+        conf = a.step({0: 4}, confidence=True)[0].confidence
+        assert len(conf) == 4 and all(0.0 < p <= 1.0 for p in conf)
+        p_min = sorted(conf)[1]  # a threshold that keeps some drafts and not others, mostly
+        kept = b.step({0: 4}, cut=p_min)[0].drafted
+        want = next((j for j, p in enumerate(conf) if p < p_min), 4)
+        assert kept == want, (conf, p_min, kept)
+        seen.add(kept)
+    assert len(seen) >= 2, seen

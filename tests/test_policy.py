@@ -99,10 +99,13 @@ def test_never_pays_parks_within_a_bounded_number_of_rounds():
     sim.run(400)
     ks = round_k(sim.plans)
     drafting = [i for i, k in enumerate(ks) if k > 0]
-    # after at most 12 rounds only probes draft: they follow the 8, 16, 32, ... schedule
+    # after at most 12 rounds only probes draft: they follow the 8, 16, 32, ... schedule (the
+    # first probe takes K=1's second cost sample, so the next comes after 8 rounds again)
     late = [i for i in drafting if i >= 12]
-    assert len(late) <= 6, drafting
-    assert ks[12:20] == [0] * 8
+    assert len(late) <= 7, drafting
+    assert ks[12:19] == [0] * 7
+    gaps = [b - a for a, b in zip(late, late[1:])]
+    assert gaps[:4] == [16, 32, 64, 128], drafting
     summary = sim.policy.summary()
     assert summary["parked_fraction"] > 0.9
     assert summary["reason"].startswith("parked")
@@ -197,8 +200,9 @@ def test_probe_counts_follow_the_schedule():
     probes = [i for i, k in enumerate(ks) if k > 0 and i >= parked_at]
     assert probes[0] == parked_at + 7  # the 8th round of the park
     gaps = [b - a for a, b in zip(probes, probes[1:])]
-    assert gaps[:3] == [16, 32, 64], (parked_at, probes)
-    assert all(g == 64 for g in gaps[3:]), gaps
+    # the first probe takes K=1's second cost sample (something new): the interval stays at 8
+    assert gaps[:4] == [8, 16, 32, 64], (parked_at, probes)
+    assert all(g == 64 for g in gaps[4:]), gaps
     assert sim.policy.summary()["probes"] == len(probes)
 
 
@@ -410,7 +414,8 @@ class CutSim(Sim):
     """Rounds that may cut on the drafter's confidence. Each draft is accepted with the row's
     rate; the drafter is confident in an accepted draft with probability ``c_hit`` and in a
     rejected one with ``c_miss``. A cut round keeps each row's drafts up to its first
-    unconfident one and costs ``cut_cost(batch, planned K, widest kept K)``."""
+    unconfident one and costs ``cut_cost(batch, planned K, widest kept K)``. Uncut rounds
+    report the confidences when the policy asks (0.9 for a confident draft, 0.3 otherwise)."""
 
     def __init__(self, policy, cost, cut_cost, c_hit=0.95, c_miss=0.1, seed=0):
         super().__init__(policy, cost, seed)
@@ -421,9 +426,9 @@ class CutSim(Sim):
         uids = list(self.rows)
         ks = self.policy.plan(uids, caps or {u: 8 for u in uids}, fixed=fixed)
         p_min = self.policy.cut()
-        accepted, kept = {}, {}
+        accepted, kept, draws_of = {}, {}, {}
         for u, k in ks.items():
-            draws = []
+            draws = draws_of[u] = []
             for _ in range(k):
                 ok = self.rng.random() < self.rate(u)
                 draws.append((ok, self.rng.random() < (self.c_hit if ok else self.c_miss)))
@@ -432,7 +437,10 @@ class CutSim(Sim):
             kept[u] = keep
         if p_min is None:
             seconds = self.cost(len(uids), max(ks.values()))
-            self.policy.observe(ks, accepted, seconds)
+            conf = None
+            if self.policy.wants_confidence():  # what the drafter said of each draft
+                conf = {u: [0.9 if sure else 0.3 for _, sure in d] for u, d in draws_of.items()}
+            self.policy.observe(ks, accepted, seconds, confidence=conf)
         else:
             seconds = self.cut_cost(len(uids), max(ks.values()), max(kept.values()))
             self.policy.observe(kept, accepted, seconds, planned_ks=ks)
@@ -455,15 +463,20 @@ def _steep_drafting(b, k):  # the same pieces without the sync: 30 + 4 k + 15 (k
 
 def test_cutting_on_confidence_becomes_the_mode_where_it_pays():
     """A calibrated drafter and a steep verify: cut rounds skip verify positions that would be
-    rejected, for a 1 ms sync. The policy tries cutting, measures it faster, and keeps cutting."""
+    rejected, for a 1 ms sync. The policy tries cutting, measures it faster, keeps cutting and
+    commits more tokens per second than a policy that never cuts."""
     sim = CutSim(DraftPolicy(), _steep_drafting, _steep_cut(sync=1.0))
     sim.rows = {1: 0.7}
-    sim.run(600)
-    drafting = [c for c, p in zip(sim.cut[-200:], sim.plans[-200:]) if max(p.values())]
-    assert len(drafting) > 150
-    assert sum(drafting) / len(drafting) > 0.9, sum(drafting)
+    sim.run(1500)
+    drafting = [c for c, p in zip(sim.cut, sim.plans) if max(p.values())]
+    assert len(drafting) > 1000
+    assert sum(drafting) / len(drafting) > 0.8, sum(drafting)
     assert sim.policy.summary()["cut_mode"] == {1: True}
     assert sim.policy.summary()["cut_fraction"] > 0.5
+    never = CutSim(DraftPolicy(cut_first=0), _steep_drafting, _steep_cut(sync=1.0))
+    never.rows = {1: 0.7}
+    never.run(1500)
+    assert sim.tokens / sim.time > 1.05 * never.tokens / never.time
 
 
 def test_cutting_that_does_not_pay_is_only_tried_on_the_back_off_schedule():
@@ -486,12 +499,25 @@ def test_cutting_that_does_not_pay_is_only_tried_on_the_back_off_schedule():
     assert sim.tokens / sim.time >= 0.97 * never.tokens / never.time
 
 
-def test_cut_rounds_teach_no_acceptance_and_are_no_cost_sample_of_their_k():
+def test_cut_rounds_are_no_cost_sample_of_their_k_and_teach_only_kept_drafts():
     p = DraftPolicy()
     p.observe({1: 0}, {1: 0}, 0.01)
     p.observe({1: 0}, {1: 0}, 0.01)
-    before = (p.acceptance(1), p.cost(1, 3))
+    cost, rates = p.cost(1, 3), p.acceptance(1)
     for _ in range(5):
         p.plan([1], {1: 3})
         p.observe({1: 1}, {1: 1}, 0.5, planned_ks={1: 3})  # kept 1 of 3, accepted it, slow round
-    assert (p.acceptance(1), p.cost(1, 3)) == before
+    assert p.cost(1, 3) == cost
+    assert p.acceptance(1)[0] > rates[0]
+    assert p._prior_seen[:3] == [5, 0, 0]  # the kept draft's position only, never the dropped ones
+
+
+def test_cutting_is_not_tried_where_the_uncut_rounds_say_it_cannot_pay():
+    """A drafter that is never confident (its drafts are accepted all the same): a cut would
+    keep nothing, so even at the cost of rounds as deep as what it keeps (a plain round) it
+    would lose to drafting. The policy never spends a round trying it."""
+    sim = CutSim(DraftPolicy(), _steep_drafting, _steep_cut(sync=1.0), c_hit=0.0, c_miss=0.0)
+    sim.rows = {1: 0.95}
+    sim.run(1500)
+    assert sum(sim.cut) == 0
+    assert sum(max(p.values()) for p in sim.plans[-200:]) > 200  # it drafts

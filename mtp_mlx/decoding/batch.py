@@ -76,6 +76,7 @@ class RowOut:
     accepted: int = 0
     first: bool = False  # the prefill's token (no round)
     logprobs: Optional[List[TokenLogprob]] = None
+    confidence: Optional[List[float]] = None  # the drafter's probability of each draft (step(confidence=True))
 
 
 class _Row:
@@ -214,7 +215,7 @@ class Batch:
 
     # ---- one round ------------------------------------------------------------------------
     def step(self, ks: Optional[Dict[int, int]] = None, look_ahead: bool = True,
-             cut: Optional[float] = None) -> Dict[int, RowOut]:
+             cut: Optional[float] = None, confidence: bool = False) -> Dict[int, RowOut]:
         """One round; ``ks[uid]`` = that row's draft length (missing = 0). Returns what each
         row got: running rows one round's tokens, a row whose prefill finished its first token.
 
@@ -223,6 +224,9 @@ class Batch:
         row's kept drafts (a row's ``RowOut.drafted`` is what it kept). Greedy rounds only
         (rows with processors or sampling draft uncut); ``self.cut`` tells whether it ran.
         Any cut is lossless: the target verifies whatever prefix of the drafts it is given.
+        ``confidence``: in an uncut greedy round, also return the drafter's probability of each
+        of a row's drafts (``RowOut.confidence``), read at the round's one sync, so a policy can
+        tell what a cut would have kept without cutting.
 
         ``look_ahead``: in a plain round, queue the next plain round's forward before the sync
         (pass False when the next round will draft: the queued forward would be thrown away).
@@ -248,7 +252,7 @@ class Batch:
                 self._drop_ahead()
                 self.steady = False
         if round_ is None and self.rows:
-            round_ = self._round(ks, lazy, cut)
+            round_ = self._round(ks, lazy, cut, confidence)
         prefilled = self._prefill_slice(lazy, idle=round_ is None)
         if plain and look_ahead and round_ is not None and self._can_look_ahead():
             # Plain decoding: queue the next round's forward now, so the device works on it
@@ -273,14 +277,14 @@ class Batch:
             self._ahead = None
             self.cache.trim(1)
 
-    def _round(self, ks: Dict[int, int], lazy: list, cut: Optional[float] = None):
+    def _round(self, ks: Dict[int, int], lazy: list, cut: Optional[float] = None, confidence: bool = False):
         rows, B = self.rows, len(self.rows)
         kb = [max(0, min(int(ks.get(r.uid, 0)), MAX_DRAFT)) for r in rows]
         K = max(kb)
         P = self.cache.offsets  # each row's bonus position
         greedy = all(r.cfg.greedy for r in rows)
         # 1. Draft K tokens per row from (bonus, hidden), reading the committed K/V in place.
-        q = None
+        q = conf = None
         if K == 0:
             drafts = mx.zeros((B, 0), mx.int32)
             q = mx.zeros((B, 0, 1))
@@ -292,6 +296,8 @@ class Batch:
                 K = max(kb)
                 drafts = drafts[:, :K]
                 self.cut = True
+            elif confidence:
+                drafts, conf = self._draft_greedy(K, confidence=True)
             else:
                 drafts = self._draft_greedy(K)
         else:
@@ -301,6 +307,8 @@ class Batch:
             # verify graph (no sync; the round's one sync comes after the verify).
             mx.async_eval(drafts)
         out = self._verify(self.bonus, drafts, q, kb, P)
+        if conf is not None and not self.cut:
+            out = out[:4] + (out[4] + (conf,),) + out[5:]  # read with the drafts at the sync
         lazy.extend(out[2:4] + (out[5],) + out[4] + tuple(x for v in out[6].values() for x in v))
         return out
 
@@ -328,6 +336,7 @@ class Batch:
 
     def _finish_round(self, kb, K, n, nxt, drafts, hidden, lps) -> Dict[int, RowOut]:
         n_acc, nexts, proposed = n.tolist(), nxt.tolist(), drafts[0].tolist()
+        conf = drafts[1].tolist() if len(drafts) > 1 else None  # [B][K]: step(confidence=True)
         # 4. Roll back each row's K - n rejected entries; its next round starts from n.
         self.cache.trim([K - a for a in n_acc])
         out = {}
@@ -336,7 +345,8 @@ class Batch:
             if r.processors:
                 r.history.extend([r.bonus] + toks[:-1])
             r.bonus = nexts[b]
-            out[r.uid] = RowOut(toks, kb[b], n_acc[b], logprobs=_unpack_logprobs(lps.get(b), toks))
+            out[r.uid] = RowOut(toks, kb[b], n_acc[b], logprobs=_unpack_logprobs(lps.get(b), toks),
+                                confidence=conf[b][: kb[b]] if conf is not None else None)
         self.bonus, self.hidden = nxt[:, None], hidden
         return out
 

@@ -281,8 +281,9 @@ class Engine:
             return events
         ks = self._plan()
         cut = self._cut(ks)
+        confidence = cut is None and self._wants_confidence(ks)
         tic = time.perf_counter()
-        outs = self.batch.step(ks, look_ahead=not self._drafts_next(ks), cut=cut)
+        outs = self.batch.step(ks, look_ahead=not self._drafts_next(ks), cut=cut, confidence=confidence)
         seconds = time.perf_counter() - tic
         now = time.perf_counter()
         rounds = {u: o for u, o in outs.items() if not o.first}
@@ -293,9 +294,13 @@ class Engine:
                 # not one that also ran a prefill slice, nor the first plain round after drafting
                 # (nothing was queued ahead), nor a drafting round that threw a queued forward away.
                 steady = self.batch.steady and not self.batch.prefilled
-                # A cut round tells the policy what each row planned (only a policy with ``cut``
-                # asks for cuts, so a policy of one's own need not take the argument).
+                # A cut round tells the policy what each row planned, an uncut one that asked
+                # for it the drafter's confidence (only a policy with ``cut`` / ``wants_confidence``
+                # asks for either, so a policy of one's own need not take these arguments).
                 cut_of = {"planned_ks": {u: ks.get(u, 0) for u in rounds}} if self.batch.cut else {}
+                conf = {u: o.confidence for u, o in rounds.items() if o.confidence is not None}
+                if conf:
+                    cut_of["confidence"] = conf
                 self.policy.observe({u: o.drafted for u, o in rounds.items()},
                                     {u: o.accepted for u, o in rounds.items()},
                                     seconds if steady else None, **cut_of)
@@ -344,6 +349,14 @@ class Engine:
             return None
         cut = getattr(self.policy, "cut", None)  # optional in a policy of one's own
         return cut() if cut is not None else None
+
+    def _wants_confidence(self, ks: Dict[int, int]) -> bool:
+        """Whether this uncut drafting round should report the drafter's confidence (for the
+        policy's estimate of what cutting would give)."""
+        if self.policy is None or not any(ks.values()) or any(self._fixed.get(u, 0) for u in ks):
+            return False
+        wants = getattr(self.policy, "wants_confidence", None)
+        return bool(wants()) if wants is not None else False
 
     def _drafts_next(self, ks: Dict[int, int]) -> bool:
         """Whether the next round will likely draft (then no plain forward is queued ahead):

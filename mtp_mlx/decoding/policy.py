@@ -36,7 +36,9 @@ The model
 * Parking and probing. A round at k = 0 is "parked". On a per-bucket schedule (every
   ``probe_first`` rounds, doubling to ``probe_max`` while probes change nothing, reset when the
   choice changes) the policy drafts one position deeper than its choice, parked rows included,
-  to refresh the estimates that would otherwise never be measured again.
+  to refresh the estimates that would otherwise never be measured again. A probe that takes
+  its depth's first cost samples, or its position's first trusted ones, does not double the
+  interval: it taught something new, so depth is climbed at the first interval's pace.
 * Hard guard. Over the last ``guard_window`` drafting rounds of a bucket (parked probes
   excluded), the time plain decoding would have needed for the same tokens,
   ``sum(tokens_r / b_r) * C[b][0]``, is compared with the time taken (each round's time
@@ -59,9 +61,17 @@ The model
   drafting rounds (``cut_window`` each). Cutting becomes the bucket's mode only when it wins by
   ``margin``; the mode not in use is re-tried for ``cut_burst`` rounds on a back-off schedule
   (every ``cut_first`` drafting rounds, doubling to ``cut_max`` while the mode stays the same).
-  Cut rounds teach nothing about acceptance (a kept draft was selected for its confidence, so
-  its acceptance would overstate the uncut rates the depth is chosen by) and are not cost
-  samples of their K; the guard counts them like any drafting round.
+  Uncut rounds read the drafts' probabilities at their one sync (``wants_confidence``), so the
+  policy knows what a cut would have kept and the tokens it would have given. A trial of
+  cutting runs only if those tokens over the cost of rounds as deep as the kept drafts (less
+  than a cut round costs) beat the uncut rounds' measured tokens per second: a drafter whose
+  confidence says nothing is never cut.
+  Cut rounds teach the acceptance of the drafts they kept. That is acceptance given confidence,
+  higher than an uncut round's, and it is what the depth of the next cut rounds should be chosen
+  by (they too verify confident drafts only); should uncut rounds return, their own samples
+  correct it within a few rounds, and the guard bounds a model that is wrong. Cut rounds are not
+  cost samples of their K (their cost depends on where they cut); the guard counts them like
+  any drafting round.
 
 Worst-case loss against plain decoding
 --------------------------------------
@@ -106,6 +116,14 @@ def prior_key(machine: str, mlx_version: str, pair_id: str, quantization: str) -
 def bucket_of(batch_size: int) -> int:
     """Batch-size bucket: the next power of two (1, 2, 3-4 -> 4, 5-8 -> 8, ...)."""
     return 1 << max(0, int(batch_size) - 1).bit_length()
+
+
+def _leading(probs: Sequence[float], p_min: float) -> int:
+    """How many leading drafts have a probability of at least ``p_min`` (what a cut keeps)."""
+    n = 0
+    while n < len(probs) and probs[n] >= p_min:
+        n += 1
+    return n
 
 
 def _rate(rounds) -> float:
@@ -164,9 +182,12 @@ class _Bucket:
     guard_until: int = 0  # round number until which the guard keeps the bucket parked
     guard_backoff: int = 0
     after_probe: Optional[int] = None  # the choice a probe just left (until the next plan)
+    probe_new: bool = False  # the current probe measures a depth or position not yet known
     # cutting on the drafter's confidence: recent (tokens, seconds) of cut and uncut drafting rounds
     cut_rounds: Deque[Tuple[float, float]] = field(default_factory=collections.deque)
     uncut_rounds: Deque[Tuple[float, float]] = field(default_factory=collections.deque)
+    # what recent uncut rounds would have given cut: (tokens, the widest kept run)
+    counterfactual: Deque[Tuple[float, int]] = field(default_factory=collections.deque)
     cut_mode: bool = False  # the bucket's mode: whether its drafting rounds cut
     cut_interval: int = 0  # drafting rounds between trials of the other mode
     cut_since: int = 0
@@ -446,13 +467,20 @@ class DraftPolicy:
                      for u, k in choice.items()}
             if probe != choice:
                 state.probing, state.choice_before_probe, state.since_probe = True, depth, 0
+                # A probe that takes the first cost samples of its depth or the first trusted
+                # samples of a position teaches something new even when the choice stays: the
+                # next probe comes as soon (depth is climbed probe by probe, not ever more slowly).
+                k_probe = max(probe.values())
+                cost = self._costs.get(bucket, {}).get(k_probe)
+                state.probe_new = (cost is None or cost.samples < 2
+                                   or self._prior_seen[k_probe - 1] < self.trust)
                 self._probes += 1
                 self._reason = f"probe at K={max(probe.values())} (every {state.probe_interval} rounds; choice K={depth})"
                 return probe
         self._planned_parked = depth == 0
         if depth > 0 and not guarded and self.cut_first > 0 and not any(choice[u] for u in fixed):
             self._cut_eligible = True
-            self._cut_planned = self._cut_decision(state)
+            self._cut_planned = self._cut_decision(state, bucket)
         # Worded only when asked for (summary): formatting every round costs a parked row's time.
         self._reason = lambda: self._explain(choice, ch, bucket, guarded, state)
         return choice
@@ -462,16 +490,38 @@ class DraftPolicy:
         cut (``Batch.step(cut=...)``), or None for an uncut round."""
         return self.cut_p_min if self._cut_planned else None
 
-    def _cut_decision(self, state: _Bucket) -> bool:
-        """Whether this drafting round cuts: the bucket's mode, or the other mode during a trial."""
+    def wants_confidence(self) -> bool:
+        """Whether the round just planned, if it drafts uncut, should report the drafter's
+        probability of each draft (``Batch.step(confidence=True)``): what a cut would have kept."""
+        return self._cut_eligible and not self._cut_planned
+
+    def _cut_decision(self, state: _Bucket, bucket: int) -> bool:
+        """Whether this drafting round cuts: the bucket's mode, or the other mode during a trial.
+        A trial of cutting runs only if the recent uncut rounds say it could pay: the tokens a
+        cut would have kept, over the cost of rounds as deep as the kept drafts (a cut round
+        costs more than that: the drafts it threw away and the second sync), beat what the
+        uncut rounds made per second."""
         if state.cut_trial > 0:
             state.cut_trial -= 1
             return not state.cut_mode
         state.cut_since += 1
         if state.cut_since >= state.cut_interval:
-            state.cut_since, state.cut_trial = 0, self.cut_burst - 1
+            state.cut_since = 0
+            if not state.cut_mode and not self._cut_could_pay(state, bucket):
+                state.cut_interval = min(2 * state.cut_interval, self.cut_max)
+                return False
+            state.cut_trial = self.cut_burst - 1
             return not state.cut_mode
         return state.cut_mode
+
+    def _cut_could_pay(self, state: _Bucket, bucket: int) -> bool:
+        if len(state.counterfactual) < self.cut_burst or not state.uncut_rounds:
+            return False
+        seconds = sum(self._cost(bucket, w) or 0.0 for _, w in state.counterfactual)
+        if seconds <= 0:
+            return False
+        bound = sum(t for t, _ in state.counterfactual) / seconds
+        return bound > _rate(state.uncut_rounds) * (1 + self.margin)
 
     def _cut_step(self, state: _Bucket, cut: bool, tokens: float, seconds: float) -> None:
         """Feed one drafting round to the cut decision; after a trial, settle the mode."""
@@ -572,6 +622,7 @@ class DraftPolicy:
         seconds: Optional[float],
         held_out: Collection[int] = (),
         planned_ks: Optional[Dict[int, int]] = None,
+        confidence: Optional[Dict[int, List[float]]] = None,
     ) -> None:
         """Record a round: each row's K, how many of its drafts the target accepted, and the
         round's wall time (start of the round to the moment its tokens are known; None when the
@@ -579,7 +630,8 @@ class DraftPolicy:
         ``held_out`` (or missing from ``accepted``) count for the cost but teach nothing about
         acceptance: pass rows whose acceptance was cut by an end-of-sequence or a stop string.
         ``planned_ks``: given when the round cut on the drafter's confidence (``Batch.cut``): the
-        K each row planned; ``ks`` is then what each row kept and verified."""
+        K each row planned; ``ks`` is then what each row kept and verified. ``confidence``: for
+        an uncut round, the drafter's probability of each row's drafts (``wants_confidence``)."""
         if not ks:
             return
         batch = len(ks)
@@ -599,11 +651,17 @@ class DraftPolicy:
         if seconds is not None and not cut:
             self._record_cost(bucket, k_round, seconds)
         for uid, k in ks.items():
-            if k > 0 and uid in accepted and uid not in held_out and not cut:
+            if k > 0 and uid in accepted and uid not in held_out:
                 self._learn(uid, k, int(accepted[uid]))
         tokens = sum(1 + min(int(accepted.get(u, 0)), k) for u, k in ks.items())
         if seconds is not None and k_round > 0 and planned is not None and self._cut_eligible:
             self._cut_step(state, cut, tokens, seconds)
+            if confidence and not cut and set(confidence) >= set(ks):
+                kept = {u: _leading(confidence[u][:k], self.cut_p_min) for u, k in ks.items()}
+                state.counterfactual.append((sum(1 + min(int(accepted.get(u, 0)), kept[u]) for u in ks),
+                                             max(kept.values())))
+                while len(state.counterfactual) > self.cut_window:
+                    state.counterfactual.popleft()
         # Probes from a parked choice are bounded on their own (one per probe interval).
         if seconds is not None and k_round > 0 and not (probing and state.choice_before_probe == 0):
             self._guard_step(bucket, state, tokens / batch, seconds, k_round, cut)
@@ -682,10 +740,10 @@ class DraftPolicy:
         guarded = self._round < state.guard_until
         after = 0 if ch is None or guarded else max(ch.layout[u] for u in ch.auto)
         state.after_probe = after
-        if after == state.choice_before_probe:
-            state.probe_interval = min(2 * state.probe_interval, self.probe_max)
-        else:
+        if after != state.choice_before_probe:
             state.probe_interval = self.probe_first
+        elif not state.probe_new:
+            state.probe_interval = min(2 * state.probe_interval, self.probe_max)
 
     def forget(self, uid: int) -> None:
         """Drop a row that left the batch (what it taught the shared prior stays)."""
