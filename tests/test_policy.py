@@ -521,3 +521,25 @@ def test_cutting_is_not_tried_where_the_uncut_rounds_say_it_cannot_pay():
     sim.run(1500)
     assert sum(sim.cut) == 0
     assert sum(max(p.values()) for p in sim.plans[-200:]) > 200  # it drafts
+
+
+def test_a_bucket_where_nothing_could_pay_probes_at_the_longest_interval():
+    """A round of depth k costs more than k + 1 plain rounds (a CPU at batch 4): even perfect
+    acceptance would not pay, so once parked the policy probes only every ``probe_max`` rounds
+    (those probes still re-measure the costs); ``drafts_next`` foretells exactly those."""
+    def dear(b, k):  # a plain round 10 ms, each draft position 12 ms more
+        return (10 + 12 * k) / 1000
+
+    sim = Sim(DraftPolicy(probe_first=8, probe_max=128), dear)
+    sim.rows = {1: 0.9}
+    foretold = []
+    for _ in range(700):
+        foretold.append(sim.policy.drafts_next(1))
+        sim.step()
+    ks = round_k(sim.plans)
+    late = [i for i, k in enumerate(ks) if k > 0 and i >= 40]
+    assert late, ks[:40]
+    assert all(b - a == 128 for a, b in zip(late, late[1:])), late
+    assert len(late) <= 6
+    assert all(foretold[i] for i in late)
+    assert sum(foretold[40:]) <= len(late) + 1

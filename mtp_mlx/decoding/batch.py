@@ -42,6 +42,7 @@ from ..sampling import (
 )
 from .accept import accept_coupled, accept_greedy, accept_rejection
 from .draft import draft_context
+from .policy import kept_by_cut
 
 
 @dataclass
@@ -292,7 +293,7 @@ class Batch:
             if cut is not None:
                 drafts, conf = self._draft_greedy(K, confidence=True)
                 mx.eval(drafts, conf)  # sync: a cutting round's first; the verify's width depends on it
-                kb = [min(k, _confident(c, cut)) for k, c in zip(kb, conf.tolist())]
+                kb = [min(k, kept_by_cut(c, cut)) for k, c in zip(kb, conf.tolist())]
                 K = max(kb)
                 drafts = drafts[:, :K]
                 self.cut = True
@@ -464,14 +465,6 @@ class Batch:
             self.bonus = mx.concatenate([self.bonus, bonus])
             self.hidden = mx.concatenate([self.hidden, hidden])
         return out
-
-
-def _confident(probs: List[float], p_min: float) -> int:
-    """How many leading drafts the drafter gave a probability of at least ``p_min``."""
-    n = 0
-    while n < len(probs) and probs[n] >= p_min:
-        n += 1
-    return n
 
 
 def _groups(rows: List[_Row]) -> List[tuple]:

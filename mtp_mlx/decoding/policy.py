@@ -36,7 +36,9 @@ The model
 * Parking and probing. A round at k = 0 is "parked". On a per-bucket schedule (every
   ``probe_first`` rounds, doubling to ``probe_max`` while probes change nothing, reset when the
   choice changes) the policy drafts one position deeper than its choice, parked rows included,
-  to refresh the estimates that would otherwise never be measured again. A probe that takes
+  to refresh the estimates that would otherwise never be measured again. Where no depth would
+  pay even if every draft were accepted (by the measured costs: ``(k + 1) C[b][0] < C[b][k]``
+  for every k, as on a CPU at batch 4), it probes at the longest interval straight away. A probe that takes
   its depth's first cost samples, or its position's first trusted ones, does not double the
   interval: it taught something new, so depth is climbed at the first interval's pace.
 * Hard guard. Over the last ``guard_window`` drafting rounds of a bucket (parked probes
@@ -118,8 +120,8 @@ def bucket_of(batch_size: int) -> int:
     return 1 << max(0, int(batch_size) - 1).bit_length()
 
 
-def _leading(probs: Sequence[float], p_min: float) -> int:
-    """How many leading drafts have a probability of at least ``p_min`` (what a cut keeps)."""
+def kept_by_cut(probs: Sequence[float], p_min: float) -> int:
+    """How many leading drafts have a probability of at least ``p_min``: what a cut keeps."""
     n = 0
     while n < len(probs) and probs[n] >= p_min:
         n += 1
@@ -462,6 +464,11 @@ class DraftPolicy:
             choice = fixed_only
         depth = max(choice[u] for u in ch.auto)
         state.since_probe += 1
+        if state.since_probe >= state.probe_interval and depth == 0 and not guarded \
+                and state.probe_interval < self.probe_max and self._cannot_pay(bucket):
+            # Parked where no depth would pay even if every draft were accepted: a probe could
+            # only confirm it. Probe at the longest interval (it still re-measures the costs).
+            state.probe_interval = self.probe_max
         if state.since_probe >= state.probe_interval:
             probe = {u: (min(depth + 1, caps[u], max(ch.limit[u], 1)) if u in ch.limit else k)
                      for u, k in choice.items()}
@@ -539,6 +546,16 @@ class DraftPolicy:
         else:
             state.cut_mode, state.cut_interval = mode, self.cut_first
 
+    def _cannot_pay(self, bucket: int) -> bool:
+        """Whether, by the measured costs, no depth would beat a plain round even if every
+        draft were accepted: (k + 1) tokens per row in a round of cost C[b][k] against one per
+        C[b][0], for every k. Needs the plain cost and a measured drafting depth."""
+        c0 = self._cost(bucket, 0)
+        measured = [k for k in self._measured(bucket) if k > 0]
+        if not c0 or not measured:
+            return False
+        return all((k + 1) * c0 < self._cost(bucket, k) for k in range(1, self.max_draft + 1))
+
     def drafts_next(self, batch_size: int) -> bool:
         """Whether the next round of this batch size will likely draft: its bucket's choice is a
         drafting depth, or a probe is due. The engine then does not queue a plain forward
@@ -553,7 +570,10 @@ class DraftPolicy:
         choice = state.incumbent if state.after_probe is None else state.after_probe
         if choice > 0 and not guarded:
             return True
-        return state.since_probe + 1 >= state.probe_interval
+        if state.since_probe + 1 < state.probe_interval:
+            return False
+        # plan() skips to the longest interval instead of probing where nothing could pay
+        return guarded or state.probe_interval >= self.probe_max or not self._cannot_pay(bucket)
 
     def _choose(self, uids: List[int], caps: Dict[int, int], fixed: Dict[int, int], bucket: int) -> Optional[_Choice]:
         """The best round depth by the measured objective, with hysteresis against the bucket's
@@ -657,7 +677,7 @@ class DraftPolicy:
         if seconds is not None and k_round > 0 and planned is not None and self._cut_eligible:
             self._cut_step(state, cut, tokens, seconds)
             if confidence and not cut and set(confidence) >= set(ks):
-                kept = {u: _leading(confidence[u][:k], self.cut_p_min) for u, k in ks.items()}
+                kept = {u: kept_by_cut(confidence[u][:k], self.cut_p_min) for u, k in ks.items()}
                 state.counterfactual.append((sum(1 + min(int(accepted.get(u, 0)), kept[u]) for u in ks),
                                              max(kept.values())))
                 while len(state.counterfactual) > self.cut_window:
