@@ -39,8 +39,8 @@ The model
   to refresh the estimates that would otherwise never be measured again. Where no depth would
   pay even if every draft were accepted (by the measured costs: ``(k + 1) C[b][0] < C[b][k]``
   for every k, as on a CPU at batch 4), it probes at the longest interval straight away. A probe that takes
-  its depth's first cost samples, or its position's first trusted ones, does not double the
-  interval: it taught something new, so depth is climbed at the first interval's pace.
+  its depth's first cost samples does not double the interval: it taught something new, so
+  depth is climbed at the first interval's pace.
 * Hard guard. Over the last ``guard_window`` drafting rounds of a bucket (parked probes
   excluded), the time plain decoding would have needed for the same tokens,
   ``sum(tokens_r / b_r) * C[b][0]``, is compared with the time taken (each round's time
@@ -184,7 +184,7 @@ class _Bucket:
     guard_until: int = 0  # round number until which the guard keeps the bucket parked
     guard_backoff: int = 0
     after_probe: Optional[int] = None  # the choice a probe just left (until the next plan)
-    probe_new: bool = False  # the current probe measures a depth or position not yet known
+    probe_new: bool = False  # the current probe takes its depth's first cost samples
     # cutting on the drafter's confidence: recent (tokens, seconds) of cut and uncut drafting rounds
     cut_rounds: Deque[Tuple[float, float]] = field(default_factory=collections.deque)
     uncut_rounds: Deque[Tuple[float, float]] = field(default_factory=collections.deque)
@@ -474,13 +474,12 @@ class DraftPolicy:
                      for u, k in choice.items()}
             if probe != choice:
                 state.probing, state.choice_before_probe, state.since_probe = True, depth, 0
-                # A probe that takes the first cost samples of its depth or the first trusted
-                # samples of a position teaches something new even when the choice stays: the
-                # next probe comes as soon (depth is climbed probe by probe, not ever more slowly).
-                k_probe = max(probe.values())
-                cost = self._costs.get(bucket, {}).get(k_probe)
-                state.probe_new = (cost is None or cost.samples < 2
-                                   or self._prior_seen[k_probe - 1] < self.trust)
+                # A probe that takes its depth's first cost samples teaches something new even
+                # when the choice stays: the next probe comes as soon (depth is climbed probe by
+                # probe, not ever more slowly). Only the cost counts here: a position that is
+                # seldom reached (the ones before it rejected) would otherwise stay "new" forever.
+                cost = self._costs.get(bucket, {}).get(max(probe.values()))
+                state.probe_new = cost is None or cost.samples < 2
                 self._probes += 1
                 self._reason = f"probe at K={max(probe.values())} (every {state.probe_interval} rounds; choice K={depth})"
                 return probe
