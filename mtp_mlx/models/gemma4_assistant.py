@@ -180,12 +180,21 @@ class Model(nn.Module):
         out[mx.arange(B * L)[:, None], ids.reshape(B * L, -1)] = sel.reshape(B * L, -1)
         return out.reshape(B, L, V)
 
+    def _head_scores(self, hd: mx.array) -> Tuple[Optional[mx.array], mx.array]:
+        """(candidate ids or None, their logits): the whole vocabulary for the dense head (ids
+        None: the index is the token); the selected clusters' candidates for the centroid head."""
+        if not self.cfg.use_ordered_embeddings:
+            return None, self.model.embed_tokens.as_linear(hd)
+        return self.masked_embedding.select(hd, self.model.embed_tokens)
+
+    @staticmethod
+    def _token_of(ids: Optional[mx.array], pick: mx.array) -> mx.array:
+        return pick if ids is None else mx.take_along_axis(ids, pick[..., None], axis=-1)[..., 0]
+
     def argmax(self, hd: mx.array) -> mx.array:
         """Greedy token [B, L] without materialising the full vocabulary for the centroid head."""
-        if not self.cfg.use_ordered_embeddings:
-            return mx.argmax(self.model.embed_tokens.as_linear(hd), axis=-1)
-        ids, sel = self.masked_embedding.select(hd, self.model.embed_tokens)
-        return mx.take_along_axis(ids, mx.argmax(sel, axis=-1)[..., None], axis=-1)[..., 0]
+        ids, sel = self._head_scores(hd)
+        return self._token_of(ids, mx.argmax(sel, axis=-1))
 
     def argmax_confidence(self, hd: mx.array) -> Tuple[mx.array, mx.array]:
         """(greedy token [B, L], its probability [B, L] in float32): the drafter's confidence.
@@ -193,16 +202,10 @@ class Model(nn.Module):
         The probability is that of the distribution ``logits`` describes: the whole vocabulary
         for the dense head; the selected clusters' candidates for the centroid head (the rest
         have probability 0), so it costs one log-sum-exp over the candidates already scored."""
-        if not self.cfg.use_ordered_embeddings:
-            sel = self.model.embed_tokens.as_linear(hd)
-            best = mx.argmax(sel, axis=-1)
-        else:
-            ids, sel = self.masked_embedding.select(hd, self.model.embed_tokens)
-            pick = mx.argmax(sel, axis=-1)
-            best = mx.take_along_axis(ids, pick[..., None], axis=-1)[..., 0]
+        ids, sel = self._head_scores(hd)
+        best = self._token_of(ids, mx.argmax(sel, axis=-1))
         sel = sel.astype(mx.float32)
-        p = mx.exp(sel.max(axis=-1) - mx.logsumexp(sel, axis=-1))
-        return best, p
+        return best, mx.exp(sel.max(axis=-1) - mx.logsumexp(sel, axis=-1))
 
     def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
         out = {}
