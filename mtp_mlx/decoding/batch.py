@@ -307,14 +307,13 @@ class Batch:
             # Start the drafter's steps now: the device runs them while the host builds the
             # verify graph (no sync; the round's one sync comes after the verify).
             mx.async_eval(drafts)
-        out = self._verify(self.bonus, drafts, q, kb, P)
-        if conf is not None and not self.cut:
-            out = out[:4] + (out[4] + (conf,),) + out[5:]  # read with the drafts at the sync
+        out = self._verify(self.bonus, drafts, q, kb, P, None if self.cut else conf)
         lazy.extend(out[2:4] + (out[5],) + out[4] + tuple(x for v in out[6].values() for x in v))
         return out
 
-    def _verify(self, bonus, drafts, q, kb: List[int], P: List[int]):
-        """Steps 2 and 3 of a round: one target forward over [bonus, drafts] and acceptance."""
+    def _verify(self, bonus, drafts, q, kb: List[int], P: List[int], conf: Optional[mx.array] = None):
+        """Steps 2 and 3 of a round: one target forward over [bonus, drafts] and acceptance.
+        ``conf`` (the drafts' probabilities, [B, K]) is read with the drafts at the sync."""
         rows, K = self.rows, drafts.shape[1]
         greedy = all(r.cfg.greedy for r in rows)
         # 2. Verify [bonus, d_1..d_K] of every row in one target forward.
@@ -333,7 +332,7 @@ class Batch:
             n, nxt = _select(rows, chunk, drafts, q, res.logits, kb, P)
         lps = self._logprobs(chunk, drafts, res.logits, n, nxt)
         hidden = mx.take_along_axis(res.hidden, n[:, None, None], axis=1)  # [B, 1, H]
-        return kb, K, n, nxt, (drafts,), hidden, lps
+        return kb, K, n, nxt, (drafts,) if conf is None else (drafts, conf), hidden, lps
 
     def _finish_round(self, kb, K, n, nxt, drafts, hidden, lps) -> Dict[int, RowOut]:
         n_acc, nexts, proposed = n.tolist(), nxt.tolist(), drafts[0].tolist()

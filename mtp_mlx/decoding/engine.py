@@ -280,8 +280,7 @@ class Engine:
         if not self.batch.uids and not self.batch.pending:
             return events
         ks = self._plan()
-        cut = self._cut(ks)
-        confidence = cut is None and self._wants_confidence(ks)
+        cut, confidence = self._cut_plan(ks)
         tic = time.perf_counter()
         outs = self.batch.step(ks, look_ahead=not self._drafts_next(ks), cut=cut, confidence=confidence)
         seconds = time.perf_counter() - tic
@@ -343,20 +342,18 @@ class Engine:
         plan = self.policy.plan(uids, caps, fixed)
         return {u: min(int(plan.get(u, 0)), caps[u]) for u in uids}
 
-    def _cut(self, ks: Dict[int, int]) -> Optional[float]:
-        """The policy's confidence cut for this round (rows with a fixed K are never cut)."""
+    def _cut_plan(self, ks: Dict[int, int]) -> Tuple[Optional[float], bool]:
+        """(the policy's confidence cut for this round or None, whether an uncut round should
+        report the drafter's confidence for the policy's estimate of what cutting would give).
+        Rows with a fixed K are never cut; both are optional in a policy of one's own."""
         if self.policy is None or not any(ks.values()) or any(self._fixed.get(u, 0) for u in ks):
-            return None
-        cut = getattr(self.policy, "cut", None)  # optional in a policy of one's own
-        return cut() if cut is not None else None
-
-    def _wants_confidence(self, ks: Dict[int, int]) -> bool:
-        """Whether this uncut drafting round should report the drafter's confidence (for the
-        policy's estimate of what cutting would give)."""
-        if self.policy is None or not any(ks.values()) or any(self._fixed.get(u, 0) for u in ks):
-            return False
+            return None, False
+        cut = getattr(self.policy, "cut", None)
+        p_min = cut() if cut is not None else None
+        if p_min is not None:
+            return p_min, False
         wants = getattr(self.policy, "wants_confidence", None)
-        return bool(wants()) if wants is not None else False
+        return None, bool(wants()) if wants is not None else False
 
     def _drafts_next(self, ks: Dict[int, int]) -> bool:
         """Whether the next round will likely draft (then no plain forward is queued ahead):
