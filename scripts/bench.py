@@ -57,8 +57,7 @@ def _run(pair, batches, case, max_tokens, policy):
     k = 0 if case == "plain" else ("auto" if case == "auto" else int(case))
     tokens = span = rounds = drafted = accepted = 0.0
     ks, trace = [], []
-    cut_before = policy.summary()["cut_fraction"] * policy.summary()["rounds"] if policy is not None else 0.0
-    rounds_before = policy.summary()["rounds"] if policy is not None else 0
+    before = policy.summary() if policy is not None else None
     for ids in batches:
         engine = Engine(pair, use_drafter=k != 0, max_batch=len(ids), policy=policy)
         rows = generate_ids(engine, ids, max_tokens=max_tokens, num_draft=k)
@@ -71,9 +70,10 @@ def _run(pair, batches, case, max_tokens, policy):
         ks += [k for _, s in rows for k in s.ks]
         trace = trace or rows[0][1].ks[:64]
     cut = None
-    if policy is not None:
-        done = policy.summary()["rounds"] - rounds_before
-        cut = (policy.summary()["cut_fraction"] * policy.summary()["rounds"] - cut_before) / done if done else 0.0
+    if before is not None:  # the share of this run's policy rounds that cut on confidence
+        after = policy.summary()
+        done = after["rounds"] - before["rounds"]
+        cut = (after["cut_rounds"] - before["cut_rounds"]) / done if done else 0.0
     return {
         "decode_tps": tokens / span if span > 0 else 0.0,
         "acceptance": accepted / drafted if drafted else None,

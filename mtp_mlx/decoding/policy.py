@@ -185,7 +185,8 @@ class _Bucket:
     guard_backoff: int = 0
     after_probe: Optional[int] = None  # the choice a probe just left (until the next plan)
     probe_new: bool = False  # the current probe takes its depth's first cost samples
-    # cutting on the drafter's confidence: recent (tokens, seconds) of cut and uncut drafting rounds
+    # cutting on the drafter's confidence (``cut_window`` rounds each, set by DraftPolicy._bucket):
+    # recent (tokens, seconds) of cut and uncut drafting rounds
     cut_rounds: Deque[Tuple[float, float]] = field(default_factory=collections.deque)
     uncut_rounds: Deque[Tuple[float, float]] = field(default_factory=collections.deque)
     # what recent uncut rounds would have given cut: (tokens, the widest kept run)
@@ -412,8 +413,11 @@ class DraftPolicy:
     # ---- planning ---------------------------------------------------------------------------
     def _bucket(self, bucket: int) -> _Bucket:
         if bucket not in self._buckets:
+            window = self.cut_window
             self._buckets[bucket] = _Bucket(probe_interval=self.probe_first, guard_backoff=self.guard_backoff_first,
-                                            cut_interval=self.cut_first)
+                                            cut_interval=self.cut_first, cut_rounds=collections.deque(maxlen=window),
+                                            uncut_rounds=collections.deque(maxlen=window),
+                                            counterfactual=collections.deque(maxlen=window))
         return self._buckets[bucket]
 
     def plan(
@@ -464,10 +468,7 @@ class DraftPolicy:
             choice = fixed_only
         depth = max(choice[u] for u in ch.auto)
         state.since_probe += 1
-        if state.since_probe >= state.probe_interval and depth == 0 and not guarded \
-                and state.probe_interval < self.probe_max and self._cannot_pay(bucket):
-            # Parked where no depth would pay even if every draft were accepted: a probe could
-            # only confirm it. Probe at the longest interval (it still re-measures the costs).
+        if state.since_probe >= state.probe_interval and depth == 0 and self._skips_probe(state, bucket, guarded):
             state.probe_interval = self.probe_max
         if state.since_probe >= state.probe_interval:
             probe = {u: (min(depth + 1, caps[u], max(ch.limit[u], 1)) if u in ch.limit else k)
@@ -531,10 +532,7 @@ class DraftPolicy:
 
     def _cut_step(self, state: _Bucket, cut: bool, tokens: float, seconds: float) -> None:
         """Feed one drafting round to the cut decision; after a trial, settle the mode."""
-        rounds = state.cut_rounds if cut else state.uncut_rounds
-        rounds.append((tokens, seconds))
-        while len(rounds) > self.cut_window:
-            rounds.popleft()
+        (state.cut_rounds if cut else state.uncut_rounds).append((tokens, seconds))
         if state.cut_trial > 0 or cut == state.cut_mode:
             return  # a trial still running, or a round of the mode in use
         # The trial just ended: compare the two modes' recent tokens per second.
@@ -545,13 +543,19 @@ class DraftPolicy:
         else:
             state.cut_mode, state.cut_interval = mode, self.cut_first
 
+    def _skips_probe(self, state: _Bucket, bucket: int, guarded: bool) -> bool:
+        """Whether a parked bucket's due probe is skipped for the longest interval: no depth
+        would pay even if every draft were accepted, so a probe could only confirm it (the
+        probes at the longest interval still re-measure the costs). ``plan`` acts on it and
+        ``drafts_next`` foretells it, so both ask here."""
+        return not guarded and state.probe_interval < self.probe_max and self._cannot_pay(bucket)
+
     def _cannot_pay(self, bucket: int) -> bool:
         """Whether, by the measured costs, no depth would beat a plain round even if every
         draft were accepted: (k + 1) tokens per row in a round of cost C[b][k] against one per
         C[b][0], for every k. Needs the plain cost and a measured drafting depth."""
         c0 = self._cost(bucket, 0)
-        measured = [k for k in self._measured(bucket) if k > 0]
-        if not c0 or not measured:
+        if not c0 or not any(k > 0 for k in self._measured(bucket)):
             return False
         return all((k + 1) * c0 < self._cost(bucket, k) for k in range(1, self.max_draft + 1))
 
@@ -569,10 +573,7 @@ class DraftPolicy:
         choice = state.incumbent if state.after_probe is None else state.after_probe
         if choice > 0 and not guarded:
             return True
-        if state.since_probe + 1 < state.probe_interval:
-            return False
-        # plan() skips to the longest interval instead of probing where nothing could pay
-        return guarded or state.probe_interval >= self.probe_max or not self._cannot_pay(bucket)
+        return state.since_probe + 1 >= state.probe_interval and not self._skips_probe(state, bucket, guarded)
 
     def _choose(self, uids: List[int], caps: Dict[int, int], fixed: Dict[int, int], bucket: int) -> Optional[_Choice]:
         """The best round depth by the measured objective, with hysteresis against the bucket's
@@ -679,8 +680,6 @@ class DraftPolicy:
                 kept = {u: kept_by_cut(confidence[u][:k], self.cut_p_min) for u, k in ks.items()}
                 state.counterfactual.append((sum(1 + min(int(accepted.get(u, 0)), kept[u]) for u in ks),
                                              max(kept.values())))
-                while len(state.counterfactual) > self.cut_window:
-                    state.counterfactual.popleft()
         # Probes from a parked choice are bounded on their own (one per probe interval).
         if seconds is not None and k_round > 0 and not (probing and state.choice_before_probe == 0):
             self._guard_step(bucket, state, tokens / batch, seconds, k_round, cut)
@@ -715,10 +714,11 @@ class DraftPolicy:
         # most cost_clip[1] x the median of the latest raw times of rounds like it (not the
         # model's estimate, which may be the thing that is wrong), so one stall cannot trip it.
         # Rounds like a cut round are the latest cut rounds.
-        recent = [s for _, s in list(state.cut_rounds)[-3:]] if cut else None
-        if not cut:
+        if cut:
+            recent = [s for _, s in list(state.cut_rounds)[-3:]]
+        else:
             c = self._costs.get(bucket, {}).get(k)
-            recent = list(c.recent) if c is not None else None
+            recent = list(c.recent) if c is not None else []
         if recent:
             seconds = min(seconds, self.cost_clip[1] * statistics.median(recent))
         state.guard.append((tokens_per_row, seconds, self._round))
@@ -780,6 +780,7 @@ class DraftPolicy:
             "probes": self._probes,
             "guard_trips": self._guard_trips,
             "refresh_rounds": self._refresh_rounds,
+            "cut_rounds": self._cut_rounds,
             "cut_fraction": self._cut_rounds / rounds if rounds else 0.0,
             "cut_mode": {b: st.cut_mode for b, st in sorted(self._buckets.items())},
             "reason": self._reason() if callable(self._reason) else self._reason,
