@@ -543,3 +543,84 @@ def test_a_bucket_where_nothing_could_pay_probes_at_the_longest_interval():
     assert len(late) <= 6
     assert all(foretold[i] for i in late)
     assert sum(foretold[40:]) <= len(late) + 1
+
+
+class _NoParkedMemo(DraftPolicy):
+    """The policy with its parked memo turned off: every round recomputes the choice."""
+
+    def _choose_parked(self, uids, caps, fixed, bucket, state):
+        return self._choose(uids, caps, fixed, bucket)
+
+
+class _CountingChoose(DraftPolicy):
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.chosen = 0
+
+    def _choose(self, *args):
+        self.chosen += 1
+        return super()._choose(*args)
+
+
+def test_the_parked_memo_never_changes_a_plan():
+    # Two policies fed the same rounds, one reusing its parked choices and one recomputing every
+    # round, must plan the same K for every row in every round: through parking, plain costs that
+    # drift up (past the memo's bound) and down, probes, acceptance that changes, rows that join
+    # and leave, fixed-K rows and batch sizes that change bucket.
+    rng = random.Random(11)
+    memo, fresh = _CountingChoose(), _NoParkedMemo()
+    rows = {1: 0.1, 2: 0.2}
+    next_uid, plain, parked_rounds = 3, 0.006, 0
+    for r in range(3000):
+        if r % 150 == 0:  # a row joins or leaves, acceptance changes
+            if len(rows) > 1 and rng.random() < 0.5:
+                gone = rng.choice(sorted(rows))
+                del rows[gone]
+                memo.forget(gone)
+                fresh.forget(gone)
+            else:
+                rows[next_uid] = rng.choice([0.05, 0.3, 0.9])
+                next_uid += 1
+        plain = min(0.012, max(0.004, plain * rng.uniform(0.97, 1.035)))  # drifts either way
+        uids = sorted(rows)
+        caps = {u: rng.choice([8, 8, 8, 2, 0]) if r % 97 == 0 else 8 for u in uids}
+        fixed = {uids[0]: 1} if r % 500 < 20 else {}
+        ks = memo.plan(uids, caps, fixed)
+        assert fresh.plan(uids, caps, fixed) == ks, r
+        assert memo.drafts_next(len(uids)) == fresh.drafts_next(len(uids)), r
+        k = max(ks.values())
+        parked_rounds += k == 0
+        accepted = {}
+        for u in uids:
+            n = 0
+            while n < ks[u] and rng.random() < rows[u]:
+                n += 1
+            accepted[u] = n
+        seconds = plain * (1 + 0.9 * k) * len(uids) ** 0.3 * rng.uniform(0.97, 1.03)
+        memo.observe(ks, accepted, seconds)
+        fresh.observe(ks, accepted, seconds)
+    assert memo.summary()["trace"] == fresh.summary()["trace"]
+    assert parked_rounds > 1000  # the memo was exercised: most rounds parked...
+    assert memo.chosen < 0.3 * 3000  # ...and most of those reused a choice
+
+
+def test_a_parked_choice_is_recomputed_once_the_plain_round_gets_dearer():
+    # Parked while a round at K = 1 costs 2x a plain one; as plain rounds get dearer (drafting
+    # costs stay), drafting starts to pay: the memo must let go exactly when recomputing would.
+    def cost(plain):
+        return lambda b, k: plain if k == 0 else 0.0114 + 0.001 * k
+
+    memo = _CountingChoose(probe_first=10_000, probe_max=10_000)
+    results = []
+    for policy in (memo, _NoParkedMemo(probe_first=10_000, probe_max=10_000)):
+        sim = Sim(policy, cost(0.006), seed=5)
+        sim.rows = {1: 0.6}
+        sim.run(40)  # measures K = 0 and 1, then parks
+        for step in range(90):
+            sim.cost = cost(0.006 * 1.01**step)
+            sim.run(5)
+        results.append(round_k(sim.plans))
+    assert results[0] == results[1]
+    ks = results[0]
+    assert ks[10:300] == [0] * 290 and ks[-20:] != [0] * 20, ks
+    assert memo.chosen < 300  # the parked stretch mostly reused its choice

@@ -107,6 +107,7 @@ from typing import Collection, Deque, Dict, List, Optional, Sequence, Tuple
 
 STATE_VERSION = 1
 TRACE_LIMIT = 100_000  # rounds kept in the K trace (a long-running server drops the oldest)
+PARK_SLACK = 0.05  # a parked choice is reused while the plain round costs at most this much more (see plan)
 
 
 def prior_key(machine: str, mlx_version: str, pair_id: str, quantization: str) -> str:
@@ -195,6 +196,9 @@ class _Bucket:
     cut_interval: int = 0  # drafting rounds between trials of the other mode
     cut_since: int = 0
     cut_trial: int = 0  # rounds of the current trial still to run
+    # (rows, caps, fixed, version, other buckets' plain versions), the plain cost up to which the
+    # choice stays parked, and that choice (see plan)
+    parked: Optional[Tuple[tuple, float, "_Choice"]] = None
 
 
 class DraftPolicy:
@@ -276,6 +280,11 @@ class DraftPolicy:
 
         self._costs: Dict[int, Dict[int, _Cost]] = {}
         self._measured_memo: Dict[int, Dict[int, float]] = {}  # _measured per bucket until a cost changes
+        # Bumped whenever what _choose reads changes, except a bucket's plain cost, which moves
+        # every parked round and has its own counter per bucket (plan's parked memo).
+        self._version = 0
+        self._plain_version: Dict[int, int] = {}
+        self._rates_memo: Optional[Tuple[int, List[float]]] = None  # (version, _prior_rates())
         self._prior_hits = [0.0] * max_draft
         self._prior_trials = [0.0] * max_draft
         self._prior_seen = [0] * max_draft  # undecayed samples per position (frontier)
@@ -312,11 +321,15 @@ class DraftPolicy:
 
     def _prior_rates(self) -> List[float]:
         """Shared acceptance per position; positions not yet trusted inherit the deepest
-        trusted rate (position 1 always uses its own counts, seeded by ``init_accept``)."""
+        trusted rate (position 1 always uses its own counts, seeded by ``init_accept``).
+        Memoised until the counts change (every round asks)."""
+        if self._rates_memo is not None and self._rates_memo[0] == self._version:
+            return self._rates_memo[1]
         rates = []
         for j in range(self.max_draft):
             own = (self.init_weight * self.init_accept + self._prior_hits[j]) / (self.init_weight + self._prior_trials[j])
             rates.append(own if j == 0 or self._prior_seen[j] >= self.trust else rates[-1])
+        self._rates_memo = (self._version, rates)
         return rates
 
     def _row_rates(self, uid: int, prior: List[float]) -> List[float]:
@@ -393,11 +406,18 @@ class DraftPolicy:
         return None
 
     def _record_cost(self, bucket: int, k: int, seconds: float) -> None:
-        self._measured_memo.pop(bucket, None)
-        c = self._costs.setdefault(bucket, {}).setdefault(k, _Cost())
+        costs = self._costs.setdefault(bucket, {})
+        c = costs.get(k)
+        if c is None:
+            c = costs[k] = _Cost()
         c.seen += 1
         if c.seen == 1 and c.samples == 0:
             return  # the first round at a new shape pays for compilation and warm-up
+        self._measured_memo.pop(bucket, None)
+        if k == 0:
+            self._plain_version[bucket] = self._plain_version.get(bucket, 0) + 1
+        else:
+            self._version += 1
         c.last = self._round
         if c.samples == 0:
             c.estimate, c.samples = seconds, 1
@@ -405,7 +425,7 @@ class DraftPolicy:
             return
         c.recent.append(seconds)
         lo, hi = self.cost_clip
-        sample = statistics.median(c.recent) if len(c.recent) == c.recent.maxlen else seconds
+        sample = sorted(c.recent)[1] if len(c.recent) == 3 else seconds  # the median of the last three
         sample = min(max(sample, lo * c.estimate), hi * c.estimate)
         c.estimate += self.cost_alpha * (sample - c.estimate)
         c.samples += 1
@@ -441,7 +461,7 @@ class DraftPolicy:
         self._planned_parked = False
         self._cut_planned = self._cut_eligible = False
         state.probing, state.after_probe = False, None
-        ch = self._choose(uids, caps, fixed, bucket)
+        ch = self._choose_parked(uids, caps, fixed, bucket, state)
         if ch is None:
             ks = {u: min(int(fixed.get(u, 0)), caps[u]) for u in uids}
             auto = [u for u in uids if u not in fixed and caps[u] > 0]
@@ -452,7 +472,7 @@ class DraftPolicy:
         if ch.k != state.incumbent:
             state.probe_interval, state.since_probe = self.probe_first, 0
         state.incumbent = ch.k
-        choice = ch.layout
+        choice = dict(ch.layout)
         guarded = self._round < state.guard_until
         if state.refresh > 0 or guarded:
             fixed_only = {u: (k if u in fixed else 0) for u, k in choice.items()}  # automatic rows parked
@@ -565,8 +585,8 @@ class DraftPolicy:
         ahead, which would be thrown away (and would make the probe's cost sample wrong)."""
         bucket = bucket_of(batch_size)
         state = self._buckets.get(bucket)
-        if state is None or self._cost(bucket, 0) is None:
-            return False
+        if state is None or not any(c.samples for c in self._costs.get(bucket, {}).values()):
+            return False  # nothing measured: plan() measures the plain round first
         if state.refresh > 0:  # the re-measure's next plain round
             return False
         guarded = self._round < state.guard_until
@@ -574,6 +594,45 @@ class DraftPolicy:
         if choice > 0 and not guarded:
             return True
         return state.since_probe + 1 >= state.probe_interval and not self._skips_probe(state, bucket, guarded)
+
+    def _choose_parked(self, uids: List[int], caps: Dict[int, int], fixed: Dict[int, int], bucket: int,
+                       state: _Bucket) -> Optional[_Choice]:
+        """``_choose``, reusing a parked choice while nothing it depends on has changed but the
+        bucket's plain cost, and that only downwards of a bound; the same answer, cheaper.
+
+        A parked round teaches no acceptance and measures only the plain round, so a parked
+        choice can change only if the plain cost moves. It stays parked as the plain cost falls:
+        each depth's score against the plain round's, ``C[b][0] E(k) / C[b][k]``, does not
+        grow as ``C[b][0]`` falls (measured ``C[b][k]`` do not depend on it, interpolated and
+        extrapolated ones are affine in it with a non-negative intercept). So when the choice is
+        parked, and also with the plain cost ``PARK_SLACK`` higher (and then still below every
+        deeper measured cost, so that making costs non-decreasing pools nothing with it), it is
+        reused until the plain cost exceeds that bound or anything else changes. On the parked
+        cells of this CPU this was about half of the policy's host time per round."""
+        plain = self._costs.get(bucket, {}).get(0)
+        key = (tuple(uids), tuple(caps[u] for u in uids), tuple(sorted(fixed.items())), self._version,
+               tuple(v for b, v in sorted(self._plain_version.items()) if b != bucket))
+        memo = state.parked
+        if memo is not None and memo[0] == key and plain is not None and plain.samples and plain.estimate <= memo[1]:
+            return memo[2]
+        state.parked = None
+        ch = self._choose(uids, caps, fixed, bucket)
+        if ch is None or ch.k != 0 or len(ch.riders) != len(ch.auto) or plain is None or not plain.samples:
+            return ch
+        measured = plain.estimate
+        bound = measured * (1 + PARK_SLACK)
+        try:
+            plain.estimate = bound
+            self._measured_memo.pop(bucket, None)
+            deeper = [c for k, c in self._measured(bucket).items() if k > 0]
+            still = (self._measured(bucket)[0] == bound and all(bound < c for c in deeper)
+                     and self._choose(uids, caps, fixed, bucket).riders == ch.auto)
+        finally:
+            plain.estimate = measured
+            self._measured_memo.pop(bucket, None)
+        if still:
+            state.parked = (key, bound, ch)
+        return ch
 
     def _choose(self, uids: List[int], caps: Dict[int, int], fixed: Dict[int, int], bucket: int) -> Optional[_Choice]:
         """The best round depth by the measured objective, with hysteresis against the bucket's
@@ -689,6 +748,7 @@ class DraftPolicy:
         self._cut_planned = self._cut_eligible = False
 
     def _learn(self, uid: int, k: int, n_accepted: int) -> None:
+        self._version += 1
         zeros = [0.0] * self.max_draft
         row = self._rows.setdefault(uid, _RowStats(list(zeros), list(zeros), [self._round] * self.max_draft))
         for j in range(min(n_accepted + 1, k)):  # positions reached: the accepted ones and the first miss
@@ -766,7 +826,8 @@ class DraftPolicy:
 
     def forget(self, uid: int) -> None:
         """Drop a row that left the batch (what it taught the shared prior stays)."""
-        self._rows.pop(uid, None)
+        if self._rows.pop(uid, None) is not None:
+            self._version += 1
 
     # ---- reporting and persistence -------------------------------------------------------------
     def summary(self) -> dict:
@@ -807,5 +868,6 @@ class DraftPolicy:
                 if int(k) <= self.max_draft and estimate > 0:
                     self._costs.setdefault(int(b), {})[int(k)] = _Cost(float(estimate), int(samples), 0)
         self._measured_memo.clear()
+        self._version += 1
         for j, (h, t, n) in enumerate(prior.get("acceptance", [])[: self.max_draft]):
             self._prior_hits[j], self._prior_trials[j], self._prior_seen[j] = float(h), float(t), int(n)
