@@ -421,6 +421,7 @@ class CutSim(Sim):
         super().__init__(policy, cost, seed)
         self.cut_cost, self.c_hit, self.c_miss = cut_cost, c_hit, c_miss
         self.cut = []  # per round: whether it cut
+        self.asked = []  # per round: whether the policy asked for the drafts' confidences
 
     def step(self, caps=None, fixed=None):
         uids = list(self.rows)
@@ -435,10 +436,11 @@ class CutSim(Sim):
             keep = next((j for j, (_, sure) in enumerate(draws) if not sure), k) if p_min is not None else k
             accepted[u] = next((j for j, (ok, _) in enumerate(draws[:keep]) if not ok), keep)
             kept[u] = keep
+        self.asked.append(p_min is None and self.policy.wants_confidence())
         if p_min is None:
             seconds = self.cost(len(uids), max(ks.values()))
             conf = None
-            if self.policy.wants_confidence():  # what the drafter said of each draft
+            if self.asked[-1]:  # what the drafter said of each draft
                 conf = {u: [0.9 if sure else 0.3 for _, sure in d] for u, d in draws_of.items()}
             self.policy.observe(ks, accepted, seconds, confidence=conf)
         else:
@@ -492,6 +494,9 @@ def test_cutting_that_does_not_pay_is_only_tried_on_the_back_off_schedule():
     # bursts of 4 after 16, 32, ..., 512 drafting rounds: at most 4 * 9 rounds in 2000
     assert 4 <= trials <= 36, trials
     assert sum(sim.cut[-500:]) <= 8
+    # the confidences are read only in the cut_window (16) uncut rounds before each decision
+    assert sum(sim.asked) <= 16 * 10, sum(sim.asked)
+    assert 16 <= sum(sim.asked[-1000:]) <= 16 * 3
     never = CutSim(DraftPolicy(cut_first=0), _steep_drafting, _steep_cut(sync=40.0))
     never.rows = {1: 0.7}
     never.run(2000)

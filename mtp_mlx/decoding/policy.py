@@ -63,8 +63,9 @@ The model
   drafting rounds (``cut_window`` each). Cutting becomes the bucket's mode only when it wins by
   ``margin``; the mode not in use is re-tried for ``cut_burst`` rounds on a back-off schedule
   (every ``cut_first`` drafting rounds, doubling to ``cut_max`` while the mode stays the same).
-  Uncut rounds read the drafts' probabilities at their one sync (``wants_confidence``), so the
-  policy knows what a cut would have kept and the tokens it would have given. A trial of
+  The ``cut_window`` uncut rounds before each such decision read the drafts' probabilities at
+  their one sync (``wants_confidence``), so the policy knows what a cut would have kept and the
+  tokens it would have given; other rounds skip that read. A trial of
   cutting runs only if those tokens over the cost of rounds as deep as the kept drafts (less
   than a cut round costs) beat the uncut rounds' measured tokens per second: a drafter whose
   confidence says nothing is never cut.
@@ -301,6 +302,7 @@ class DraftPolicy:
         self._refresh_rounds = 0
         self._cut_planned = False  # whether the round just planned cuts (``cut()``)
         self._cut_eligible = False  # whether the cut decision chose the round just planned's mode
+        self._confidence_wanted = False  # whether the round just planned reports the drafts' probabilities
         self._cut_rounds = 0
         self._reason = "no round yet"
         if prior:
@@ -459,7 +461,7 @@ class DraftPolicy:
         state = self._bucket(bucket)
         self._planned = (bucket, uids, caps, fixed)
         self._planned_parked = False
-        self._cut_planned = self._cut_eligible = False
+        self._cut_planned = self._cut_eligible = self._confidence_wanted = False
         state.probing, state.after_probe = False, None
         ch = self._choose_parked(uids, caps, fixed, bucket, state)
         if ch is None:
@@ -508,6 +510,11 @@ class DraftPolicy:
         if depth > 0 and not guarded and self.cut_first > 0 and not any(choice[u] for u in fixed):
             self._cut_eligible = True
             self._cut_planned = self._cut_decision(state, bucket)
+            # What a cut would have kept is needed only by the next decision whether to try
+            # cutting (``_cut_could_pay``), which reads the last ``cut_window`` uncut rounds:
+            # only those report it (reading it costs a log-sum-exp per draft step).
+            self._confidence_wanted = (not self._cut_planned and not state.cut_mode and state.cut_trial == 0
+                                       and state.cut_interval - state.cut_since <= self.cut_window)
         # Worded only when asked for (summary): formatting every round costs a parked row's time.
         self._reason = lambda: self._explain(choice, ch, bucket, guarded, state)
         return choice
@@ -520,7 +527,7 @@ class DraftPolicy:
     def wants_confidence(self) -> bool:
         """Whether the round just planned, if it drafts uncut, should report the drafter's
         probability of each draft (``Batch.step(confidence=True)``): what a cut would have kept."""
-        return self._cut_eligible and not self._cut_planned
+        return self._confidence_wanted
 
     def _cut_decision(self, state: _Bucket, bucket: int) -> bool:
         """Whether this drafting round cuts: the bucket's mode, or the other mode during a trial.
@@ -745,7 +752,7 @@ class DraftPolicy:
         if probing:
             self._after_probe(bucket, state, planned)
         self._planned, self._planned_parked, state.probing = None, False, False
-        self._cut_planned = self._cut_eligible = False
+        self._cut_planned = self._cut_eligible = self._confidence_wanted = False
 
     def _learn(self, uid: int, k: int, n_accepted: int) -> None:
         self._version += 1
