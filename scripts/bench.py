@@ -20,6 +20,7 @@ mlx-vlm's MTP decoding on the same checkpoint files and prompt ids, alternating 
 """
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -200,9 +201,14 @@ def main(argv=None):
         for _ in range(args.warmup):
             fn()
     runs = {key: [] for key in cases}
-    for _ in range(args.runs):
-        for key, fn in cases.items():
-            runs[key].append(fn())
+    order = list(cases)
+    for r in range(args.runs):
+        # Rotate the order every run, so that each case runs at each place of the cycle equally
+        # often (a case's place in the cycle must not bias it), and start each from a collected
+        # heap (no collection of an earlier case's garbage inside a timed one).
+        for key in order[r % len(order):] + order[: r % len(order)]:
+            gc.collect()
+            runs[key].append(cases[key]())
     results = {key: _median(r) for key, r in runs.items()}
 
     report = {"max_tokens": args.max_tokens, "runs": args.runs, "warmup": args.warmup,
