@@ -344,7 +344,7 @@ class DraftPolicy:
     def acceptance(self, uid: Optional[int] = None) -> List[float]:
         """Conditional acceptance per draft position: row ``uid``'s estimate, or the shared prior."""
         prior = self._prior_rates()
-        return prior if uid is None else self._row_rates(uid, prior)
+        return list(prior if uid is None else self._row_rates(uid, prior))  # a copy: the memo stays intact
 
     # ---- cost -------------------------------------------------------------------------------
     def _measured(self, bucket: int) -> Dict[int, float]:
