@@ -197,9 +197,9 @@ class _Bucket:
     cut_interval: int = 0  # drafting rounds between trials of the other mode
     cut_since: int = 0
     cut_trial: int = 0  # rounds of the current trial still to run
-    # (rows, caps, fixed, version, other buckets' plain versions), the plain cost up to which the
-    # choice stays parked, and that choice (see plan)
-    parked: Optional[Tuple[tuple, float, "_Choice"]] = None
+    # (rows, which may draft, fixed rows, version, other buckets' plain versions), the plain cost
+    # up to which the choice stays parked, that choice, and the caps it was chosen under (see plan)
+    parked: Optional[Tuple[tuple, float, "_Choice", tuple]] = None
 
 
 class DraftPolicy:
@@ -614,13 +614,16 @@ class DraftPolicy:
         extrapolated ones are affine in it with a non-negative intercept). So when the choice is
         parked, and also with the plain cost ``PARK_SLACK`` higher (and then still below every
         deeper measured cost, so that making costs non-decreasing pools nothing with it), it is
-        reused until the plain cost exceeds that bound or anything else changes. On the parked
-        cells of this CPU this was about half of the policy's host time per round."""
+        reused until the plain cost exceeds that bound or anything else changes, except that a
+        row's cap may shrink (a row nearing its token budget): fewer depths to choose from cannot
+        make one beat parking. On the parked cells of this CPU this was about half of the
+        policy's host time per round."""
         plain = self._costs.get(bucket, {}).get(0)
-        key = (tuple(uids), tuple(caps[u] for u in uids), tuple(sorted(fixed.items())), self._version,
-               tuple(v for b, v in sorted(self._plain_version.items()) if b != bucket))
+        key = (tuple(uids), tuple(caps[u] > 0 for u in uids), tuple(sorted((u, k, caps[u]) for u, k in fixed.items())),
+               self._version, tuple(v for b, v in sorted(self._plain_version.items()) if b != bucket))
         memo = state.parked
-        if memo is not None and memo[0] == key and plain is not None and plain.samples and plain.estimate <= memo[1]:
+        if (memo is not None and memo[0] == key and plain is not None and plain.samples and plain.estimate <= memo[1]
+                and all(caps[u] <= c for u, c in zip(uids, memo[3]))):
             return memo[2]
         state.parked = None
         ch = self._choose(uids, caps, fixed, bucket)
@@ -638,7 +641,7 @@ class DraftPolicy:
             plain.estimate = measured
             self._measured_memo.pop(bucket, None)
         if still:
-            state.parked = (key, bound, ch)
+            state.parked = (key, bound, ch, tuple(caps[u] for u in uids))
         return ch
 
     def _choose(self, uids: List[int], caps: Dict[int, int], fixed: Dict[int, int], bucket: int) -> Optional[_Choice]:
