@@ -58,13 +58,14 @@ def forward_logits(target, prompt, chunk):
     return np.array(a.logits), np.array(b.logits), np.array(b.hidden)
 
 
-def generate(pair, prompts, num_draft, sampling=None, max_tokens=GEN, on_step=None, distributed=True):
+def generate(pair, prompts, num_draft, sampling=None, max_tokens=GEN, on_step=None, distributed=True,
+             policy=None):
     """Token ids and stats per prompt from one engine run (all prompts submitted together)."""
     from mtp_mlx.decoding.engine import Engine, Request, bare_pair
     from mtp_mlx.distributed.engine import DistributedEngine
 
     pair = bare_pair(pair.target, pair.drafter)  # no EOS: every run has exactly max_tokens tokens
-    eng = DistributedEngine(pair) if distributed else Engine(pair)
+    eng = DistributedEngine(pair, policy=policy) if distributed else Engine(pair, policy=policy)
     uids = [eng.submit(Request(list(p), max_tokens=max_tokens, sampling=sampling or SamplingConfig(),
                                num_draft=num_draft)) for p in prompts]
     toks = {u: [] for u in uids}
@@ -79,6 +80,25 @@ def generate(pair, prompts, num_draft, sampling=None, max_tokens=GEN, on_step=No
             break
     return [{"tokens": toks[u], "accepted": stats[u].accepted, "rounds": stats[u].rounds,
              "ks": list(stats[u].ks)} for u in uids]
+
+
+def policy_for(rank: int):
+    """A draft-length policy per rank that would choose differently on its own: rank 0's is
+    fresh (it measures plain rounds first, then tries drafting), rank 1's was taught on made-up
+    rounds that every draft is accepted and costs nothing, so it would draft deep from the first
+    round and never queue a plain forward ahead. Under ``DistributedEngine`` both must run rank
+    0's rounds (K, cuts, the next plain forward queued ahead or not), or they would hang."""
+    from mtp_mlx.decoding.policy import DraftPolicy
+
+    policy = DraftPolicy()
+    if rank != 0:
+        for _ in range(200):
+            for uids in ([1000], [1000, 1001]):
+                ks = policy.plan(uids, {u: 8 for u in uids})
+                policy.observe(ks, dict(ks), 0.01)
+        for u in (1000, 1001):
+            policy.forget(u)
+    return policy
 
 
 def prefix_reuse(pair, prompt, plain, on_step):
@@ -161,7 +181,8 @@ def parity(args, rank, grp, wd):
             sampled = [generate(pair, [prompt], 3, hot, on_step=beat)[0] for _ in range(2)]
             # Two rows of different lengths in one batch (the second prefilled while the first
             # runs), the adaptive draft length, and a request without a seed.
-            batch = generate(pair, [prompt, prompt_for(V, seed=2)[:13]], "auto", on_step=beat)
+            batch = generate(pair, [prompt, prompt_for(V, seed=2)[:13]], "auto", on_step=beat,
+                             policy=policy_for(rank))
             unseeded = generate(pair, [prompt], 3, SamplingConfig(temperature=1.0), on_step=beat)[0]
             served = serve_lockstep(pair, prompt, hot, rank, beat)
             prefix = prefix_reuse(pair, prompt, plain["tokens"], beat)

@@ -150,6 +150,9 @@ def test_batch_with_adaptive_draft_length(request, mode):
     assert first["tokens"] == rec["plain"]["tokens"]  # a row's greedy output does not depend on the batch
     assert len(second["tokens"]) == worker.GEN
     assert reports[1]["kinds"][FULL]["batch"] == rec["batch"]  # same K per round on both ranks
+    # Rank 1's own policy would have drafted from the first round (``worker.policy_for``); rank
+    # 0's measured plain rounds first, then drafted, and both ranks ran its rounds.
+    assert any(k > 0 for k in first["ks"])
 
 
 @pytest.mark.parametrize("mode", list(KINDS))

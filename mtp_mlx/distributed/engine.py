@@ -1,8 +1,9 @@
 """The decoding engine under ``mx.distributed``: every rank runs its own ``Engine`` on the same
 requests in the same order, and these two hooks keep their decisions identical:
 
-- the adaptive draft length: rank 0's policy decides each round's K per row, the others adopt
-  it (one all_sum of B ints per round; each rank's own timings would differ);
+- the adaptive draft length: rank 0's policy decides each round's K per row, whether it cuts
+  drafts on the drafter's confidence and whether the next round drafts; the others adopt it
+  (one all_sum of B + 4 ints per round; each rank's own timings would differ);
 - requests without a seed: rank 0's fresh seed is shared (one all_sum per request), so the
   sampled tokens, acceptances and rollbacks agree on every rank. The request stays unseeded
   in every other respect (rejection sampling, not the coupled rule).
@@ -11,7 +12,8 @@ Everything else (greedy acceptance, seeded sampling) is already identical becaus
 hidden states and drafts are the same arrays on every rank.
 """
 
-from typing import Dict, Sequence
+import struct
+from typing import Dict, Optional, Sequence
 
 import mlx.core as mx
 
@@ -30,11 +32,27 @@ def agree_seed(grp) -> int:
 
 
 class SyncedPolicy:
-    """Wraps a draft-length policy: rank 0's plan is every rank's plan."""
+    """Wraps a draft-length policy: rank 0's decisions are every rank's decisions.
 
-    def __init__(self, policy, grp):
+    Each rank's policy learns from its own round timings, so left alone the ranks would choose
+    differently. Every choice that changes which forwards a rank runs must agree, or one rank
+    waits in a collective the others never join: each row's K (``plan``), whether the round cuts
+    its drafts on the drafter's confidence and where (``cut``: a cut round syncs once more and
+    verifies a different width), whether it reads that confidence (``wants_confidence``), and
+    whether the next round will draft (``drafts_next``: a plain round otherwise queues the next
+    forward ahead, and under pipeline parallel that forward's messages go out at once). Rank 0
+    asks its policy all four right after planning, and one all_sum of B + 4 ints carries them.
+    Every rank still feeds its own policy (``observe``); only rank 0's answers are used.
+
+    ``all_sum`` (tests): a function from a list of ints to their sum over the ranks; the
+    default is ``mx.distributed.all_sum`` over ``grp``."""
+
+    def __init__(self, policy, grp, all_sum=None):
         self.policy = policy
         self.group = grp
+        self._all_sum = all_sum or (lambda vals: mx.distributed.all_sum(mx.array(vals, dtype=mx.int32),
+                                                                        group=grp).tolist())
+        self._agreed = None  # (batch size, cut p_min or None, wants confidence, drafts next)
 
     def __getattr__(self, name):
         return getattr(self.policy, name)
@@ -42,17 +60,51 @@ class SyncedPolicy:
     def plan(self, uids: Sequence[int], caps: Dict[int, int], *args, **kwargs) -> Dict[int, int]:
         uids = list(uids)
         mine = self.policy.plan(uids, caps, *args, **kwargs)
-        vals = [int(mine.get(u, 0)) for u in uids] if self.group.rank() == 0 else [0] * len(uids)
+        self._agreed = None
         if not uids:
             return {}
-        agreed = mx.distributed.all_sum(mx.array(vals, dtype=mx.int32), group=self.group).tolist()
-        return dict(zip(uids, agreed))
+        if self.group.rank() == 0:
+            p = self.policy
+            cut = p.cut() if hasattr(p, "cut") else None
+            conf = bool(p.wants_confidence()) if hasattr(p, "wants_confidence") else False
+            nxt = bool(p.drafts_next(len(uids))) if hasattr(p, "drafts_next") else False
+            vals = [int(mine.get(u, 0)) for u in uids]
+            vals += [cut is not None, _float_bits(cut or 0.0), conf, nxt]
+        else:
+            vals = [0] * (len(uids) + 4)
+        agreed = [int(v) for v in self._all_sum(vals)]
+        ks, (has_cut, bits, conf, nxt) = agreed[: len(uids)], agreed[len(uids):]
+        self._agreed = (len(uids), _bits_float(bits) if has_cut else None, bool(conf), bool(nxt))
+        return dict(zip(uids, ks))
+
+    def cut(self) -> Optional[float]:
+        return self._agreed[1] if self._agreed is not None else None
+
+    def wants_confidence(self) -> bool:
+        return self._agreed[2] if self._agreed is not None else False
+
+    def drafts_next(self, batch_size: int) -> bool:
+        # Only the round just planned was agreed on; any other question gets the safe answer
+        # (False: a plain round queues its next forward ahead; a wrong guess costs a little
+        # time, never a token), the same on every rank.
+        a = self._agreed
+        return a is not None and a[0] == batch_size and a[3]
 
     def observe(self, *args, **kwargs):
+        self._agreed = None
         return self.policy.observe(*args, **kwargs)
 
     def forget(self, uid: int) -> None:
         self.policy.forget(uid)
+
+
+def _float_bits(x: float) -> int:
+    """A float's float32 bit pattern as a signed int32 (an all_sum with zeros keeps it exact)."""
+    return struct.unpack("<i", struct.pack("<f", x))[0]
+
+
+def _bits_float(i: int) -> float:
+    return struct.unpack("<f", struct.pack("<i", i))[0]
 
 
 def _agreed_lookup(lookup, grp):
