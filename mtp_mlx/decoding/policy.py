@@ -427,7 +427,8 @@ class DraftPolicy:
             return
         c.recent.append(seconds)
         lo, hi = self.cost_clip
-        sample = sorted(c.recent)[1] if len(c.recent) == 3 else seconds  # the median of the last three
+        n = len(c.recent)
+        sample = sorted(c.recent)[n // 2] if n == c.recent.maxlen else seconds  # the median of the latest (odd count)
         sample = min(max(sample, lo * c.estimate), hi * c.estimate)
         c.estimate += self.cost_alpha * (sample - c.estimate)
         c.samples += 1
