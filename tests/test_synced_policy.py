@@ -9,22 +9,12 @@ otherwise. The test checks that it does choose otherwise, and that the synced an
 in every round all the same.
 """
 
-import random
 import threading
 
 from mtp_mlx.decoding.policy import DraftPolicy
 from mtp_mlx.distributed.engine import SyncedPolicy
-
-
-class _Group:
-    def __init__(self, rank, size=2):
-        self._rank, self._size = rank, size
-
-    def rank(self):
-        return self._rank
-
-    def size(self):
-        return self._size
+from tests.test_distributed import _Group
+from tests.test_policy import CutSim
 
 
 class _Ring:
@@ -44,7 +34,25 @@ class _Ring:
         return out
 
 
-def _cost(rank):
+class _Recorded:
+    """The synced policy as the engine asks it each round, recording the agreed answers and
+    what the rank's own policy would have answered."""
+
+    def __init__(self, synced):
+        self.synced, self.record, self.own = synced, [], []
+
+    def __getattr__(self, name):
+        return getattr(self.synced, name)
+
+    def plan(self, uids, caps, *args, **kwargs):
+        ks = self.synced.plan(uids, caps, *args, **kwargs)
+        s, inner, n = self.synced, self.synced.policy, len(uids)
+        self.record.append((dict(ks), s.cut(), s.wants_confidence(), s.drafts_next(n)))
+        self.own.append((inner.cut(), inner.drafts_next(n)))
+        return ks
+
+
+def _costs(rank):
     # rank 0: drafting pays (a cheap verify), and cutting on confidence pays (1 ms to read it);
     # rank 1: a verify position costs ten times as much, so on its own it would park.
     per_pos = 15 if rank == 0 else 150
@@ -60,35 +68,16 @@ def _cost(rank):
 
 def _rank(rank, ring, rounds, out, errors):
     try:
-        inner = DraftPolicy()
-        policy = SyncedPolicy(inner, _Group(rank), all_sum=lambda vals: ring.all_sum(rank, vals))
-        uncut_cost, cut_cost = _cost(rank)
-        rng = random.Random(0)  # the same draws on both ranks, as the same tokens would be
-        rows = {1: 0.8, 2: 0.6}
-        record, own = [], []
-        for r in range(rounds):
-            if r == rounds // 2:  # a row leaves and another joins
-                rows.pop(2)
-                rows[3] = 0.9
-            uids = list(rows)
-            ks = policy.plan(uids, {u: 8 for u in uids})
-            own.append((inner.cut(), inner.drafts_next(len(uids))))
-            p_min, conf_wanted, nxt = policy.cut(), policy.wants_confidence(), policy.drafts_next(len(uids))
-            record.append((dict(ks), p_min, conf_wanted, nxt))
-            accepted, kept, conf = {}, {}, {}
-            for u, k in ks.items():
-                draws = [(ok := rng.random() < rows[u], rng.random() < (0.95 if ok else 0.1)) for _ in range(k)]
-                keep = next((j for j, (_, sure) in enumerate(draws) if not sure), k) if p_min is not None else k
-                accepted[u] = next((j for j, (ok, _) in enumerate(draws[:keep]) if not ok), keep)
-                kept[u] = keep
-                conf[u] = [0.9 if sure else 0.3 for _, sure in draws]
-            if p_min is not None:
-                policy.observe(kept, accepted, cut_cost(len(uids), max(ks.values()), max(kept.values())),
-                               planned_ks=ks)
-            else:
-                policy.observe(ks, accepted, uncut_cost(len(uids), max(ks.values())),
-                               confidence=conf if conf_wanted else None)
-        out[rank] = (record, own)
+        synced = SyncedPolicy(DraftPolicy(), _Group(2, rank), all_sum=lambda vals: ring.all_sum(rank, vals))
+        policy = _Recorded(synced)
+        # the same seed on both ranks: the same draws, as the same tokens would be
+        sim = CutSim(policy, *_costs(rank), seed=0)
+        sim.rows = {1: 0.8, 2: 0.6}
+        sim.run(rounds // 2)
+        sim.rows.pop(2)  # a row leaves and another joins
+        sim.rows[3] = 0.9
+        sim.run(rounds - rounds // 2)
+        out[rank] = (policy.record, policy.own)
     except BaseException as e:  # reported by the main thread
         errors.append(e)
         ring.barrier.abort()
@@ -118,7 +107,7 @@ def test_every_rank_takes_rank_zeros_decisions():
 
 
 def test_questions_outside_the_planned_round_get_the_safe_answer():
-    policy = SyncedPolicy(DraftPolicy(), _Group(0, size=1), all_sum=lambda vals: vals)
+    policy = SyncedPolicy(DraftPolicy(), _Group(1), all_sum=lambda vals: vals)
     assert policy.cut() is None and not policy.wants_confidence() and not policy.drafts_next(1)
     assert policy.plan([], {}) == {}
     assert policy.cut() is None and not policy.drafts_next(0)
